@@ -1,0 +1,23 @@
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench clean
+
+$(BIN)/blip: pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $(BIN)/blip
+
+demo: $(BIN)/blip
+	$(BIN)/python -m blip.demo
+
+test: $(BIN)/blip
+	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/blip
+	$(BIN)/python benchmarks/caption_speed.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info
