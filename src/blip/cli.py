@@ -1,0 +1,296 @@
+"""`blip` command line: caption, match, vqa, embed, convert, info.
+
+Errors are one line on stderr and a non-zero exit (2: nothing could be done; 1: some inputs failed
+and were skipped, the rest were processed), never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+class CliError(Exception):
+    pass
+
+
+def expand_images(inputs: list[str]) -> list[str]:
+    """Files as given; folders walked for image files (sorted); globs expanded."""
+    out = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+            if not found:
+                print(f"blip: warning: no images in folder {item}", file=sys.stderr)
+            out += found
+        elif any(c in item for c in "*?[") and not p.exists():
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                print(f"blip: warning: no files match {item}", file=sys.stderr)
+            out += matches
+        else:
+            out.append(item)
+    return out
+
+
+def _model(args, task: str):
+    import blip
+    from blip.config import PRESETS
+    name = args.model or os.environ.get("BLIP_MODEL")
+    if not name:
+        raise CliError("no model: pass --model (a checkpoint path, official name or hub id) or set BLIP_MODEL")
+    if name in PRESETS:
+        print(f"blip: warning: '{name}' is a preset: random weights, output is meaningless", file=sys.stderr)
+        return blip.create_model(name, task=task, device=args.device, dtype=args.dtype)
+    return blip.load(name, task=args.task, device=args.device, dtype=args.dtype)
+
+
+def _batches(paths: list[str], size: int, progress: bool):
+    """Yield (paths, PIL images) batches of decodable images; report and skip the others."""
+    from blip.transform import ImageError, load_image
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(paths), unit="img", file=sys.stderr)
+    failed = 0
+    batch: list = []
+    for path in paths:
+        try:
+            batch.append((path, load_image(path)))
+        except ImageError as e:
+            failed += 1
+            print(f"blip: error: {e}", file=sys.stderr)
+        if len(batch) == size:
+            yield batch
+            batch = []
+        if bar:
+            bar.update(1)
+    if batch:
+        yield batch
+    if bar:
+        bar.close()
+    _batches.failed = failed
+
+
+def _emit(args, record: dict, text: str) -> None:
+    print(json.dumps(record) if args.json else text, flush=True)
+
+
+def cmd_caption(args) -> int:
+    paths = expand_images(args.images)
+    if not paths:
+        raise CliError("no images given")
+    model = _model(args, "caption")
+    kw = dict(num_beams=args.num_beams, max_length=args.max_length, min_length=args.min_length,
+              sample=args.sample, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+              length_normalization=args.length_normalization)
+    if args.prompt is not None:
+        kw["prompt"] = args.prompt
+    if args.seed is not None:
+        import torch
+        torch.manual_seed(args.seed)
+    done = 0
+    for batch in _batches(paths, args.batch_size, progress=len(paths) > 8 and not args.quiet):
+        results = model.caption([img for _, img in batch], batch_size=args.batch_size, return_ids=True, **kw)
+        for (path, _), res in zip(batch, results):
+            _emit(args, {"image": path, **res}, f"{path}\t{res['caption']}")
+            done += 1
+    return _finish(done, len(paths))
+
+
+def _finish(done: int, total: int) -> int:
+    failed = total - done
+    if done == 0:
+        raise CliError(f"none of the {total} images could be read")
+    if failed:
+        print(f"blip: {failed} of {total} images skipped", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _one_image(path: str):
+    from blip.transform import load_image
+    return load_image(path)
+
+
+def cmd_match(args) -> int:
+    model = _model(args, "retrieval")
+    image = _one_image(args.image)
+    scores = model.match([image], args.text, first_token=args.first_token)
+    for i, text in enumerate(args.text):
+        itm, itc = float(scores["itm"][i]), float(scores["itc"][i])
+        _emit(args, {"image": args.image, "text": text, "itm": itm, "itc": itc},
+              f"{itm:.4f}\t{itc:.4f}\t{text}")
+    return 0
+
+
+def cmd_vqa(args) -> int:
+    model = _model(args, "vqa")
+    image = _one_image(args.image)
+    answer_list = None
+    if args.answers:
+        answer_list = _read_answers(args.answers)
+    answers = model.answer([image], args.question, answer_list=answer_list)
+    for q, a in zip(args.question, answers):
+        _emit(args, {"image": args.image, "question": q, "answer": a}, f"{q}\t{a}")
+    return 0
+
+
+def _read_answers(path: str) -> list[str]:
+    p = Path(path)
+    if not p.exists():
+        raise CliError(f"answer list not found: {path}")
+    if p.suffix == ".json":
+        data = json.loads(p.read_text())
+        if not isinstance(data, list) or not all(isinstance(a, str) for a in data):
+            raise CliError(f"{path} must be a JSON list of strings")
+        return data
+    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+
+
+def cmd_embed(args) -> int:
+    if not args.images and not args.text:
+        raise CliError("give images and/or --text")
+    model = _model(args, args.task or "feature")
+    rows = []
+    done = total = 0
+    if args.images:
+        paths = expand_images(args.images)
+        total = len(paths)
+        for batch in _batches(paths, args.batch_size, progress=len(paths) > 8 and not args.quiet):
+            emb = model.embed_images([img for _, img in batch])
+            for (path, _), vec in zip(batch, emb.float().cpu()):
+                rows.append({"image": path, "embedding": vec.tolist()})
+                done += 1
+        if done == 0:
+            raise CliError(f"none of the {total} images could be read")
+    if args.text:
+        emb = model.embed_texts(args.text)
+        rows += [{"text": t, "embedding": v.tolist()} for t, v in zip(args.text, emb.float().cpu())]
+    for r in rows:
+        print(json.dumps(r))
+    return 1 if done < total else 0
+
+
+def cmd_convert(args) -> int:
+    import blip
+    from blip.checkpoint import save_blip, save_hf, save_official
+    model = blip.load(args.src, task=args.task, strict=not args.non_strict)
+    dst = {"blip": save_blip, "hf": save_hf, "official": save_official}[args.to](model, args.dst)
+    print(f"wrote {args.to} checkpoint ({model.config.task}) to {dst}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import blip
+    model = blip.load(args.checkpoint, task=args.task, strict=not args.non_strict)
+    counts = {}
+    for name, p in model.named_parameters():
+        counts[name.split(".")[0]] = counts.get(name.split(".")[0], 0) + p.numel()
+    info = {"task": model.config.task, "config": model.config.to_dict(),
+            "parameters": {**counts, "total": sum(counts.values())}, "notes": model.load_report.notes()}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        v, t = model.config.vision, model.config.text
+        print(f"task        {model.config.task}")
+        print(f"vision      ViT {v.width}w x {v.depth} layers, {v.heads} heads, patch {v.patch_size}, {v.image_size}px")
+        print(f"text        {t.width}w x {t.depth} layers, {t.heads} heads, ffn {t.ffn}, vocab {t.vocab_size}")
+        for part, n in info["parameters"].items():
+            print(f"params      {part:<16}{n / 1e6:9.2f}M")
+        for note in info["notes"]:
+            print(f"note        {note}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="blip", description="BLIP captioning, matching, VQA and embeddings")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common(p, task_choices=True):
+        p.add_argument("--model", "-m", help="checkpoint: .pth path/URL/official name, folder, or hub id "
+                                             "(default: $BLIP_MODEL); a preset name gives random weights")
+        if task_choices:
+            p.add_argument("--task", choices=["pretrain", "caption", "retrieval", "vqa", "feature"],
+                           help="model to build when it differs from the checkpoint's")
+        p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+        p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights/compute precision")
+        p.add_argument("--json", action="store_true", help="one JSON object per line")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("caption", help="caption images")
+    p.add_argument("images", nargs="+", help="image files, folders or globs")
+    common(p)
+    p.add_argument("--num-beams", type=int, default=3)
+    p.add_argument("--max-length", type=int, default=20, help="max tokens, prompt included (official)")
+    p.add_argument("--min-length", type=int, default=5, help="min tokens, prompt included (official)")
+    p.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, help="default 1.0 (beam), 1.1 (sampling)")
+    p.add_argument("--prompt", help="decoder prompt (default 'a picture of ')")
+    p.add_argument("--length-normalization", choices=["full", "generated"], default="full",
+                   help="beam scores over the whole sequence (official) or generated tokens (transformers)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, help="random seed for --sample")
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("match", help="image-text matching scores (ITM probability, ITC cosine)")
+    p.add_argument("image")
+    p.add_argument("--text", "-t", nargs="+", required=True)
+    p.add_argument("--first-token", choices=["enc", "cls"], default="enc",
+                   help="[ENC] as in official training/retrieval, or [CLS] as the official demo/transformers")
+    common(p)
+    p.set_defaults(func=cmd_match)
+
+    p = sub.add_parser("vqa", help="answer questions about an image")
+    p.add_argument("image")
+    p.add_argument("--question", "-q", nargs="+", required=True)
+    p.add_argument("--answers", help="answer list (JSON list or one per line) to rank instead of generating")
+    common(p)
+    p.set_defaults(func=cmd_vqa)
+
+    p = sub.add_parser("embed", help="image and/or text embeddings as JSON lines")
+    p.add_argument("images", nargs="*")
+    p.add_argument("--text", "-t", nargs="+")
+    p.add_argument("--batch-size", type=int, default=16)
+    common(p)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("convert", help="convert a checkpoint between formats")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", choices=["blip", "hf", "official"], default="blip")
+    p.add_argument("--task", choices=["pretrain", "caption", "retrieval", "vqa", "feature"])
+    p.add_argument("--non-strict", action="store_true", help="load despite missing/unexpected keys")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="describe a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--task", choices=["pretrain", "caption", "retrieval", "vqa", "feature"])
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--non-strict", action="store_true")
+    p.set_defaults(func=cmd_info)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="blip: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (CliError, ValueError, OSError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"blip: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Build a model: from a preset (random weights) or from any checkpoint (`blip.load`)."""
+from __future__ import annotations
+
+import torch
+
+from .checkpoint import CheckpointError, load_into, read_checkpoint
+from .config import PRESETS, BlipConfig, get_config
+from .model import Blip
+from .pretrained import resolve
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def default_device(device=None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _place(model: Blip, device, dtype) -> Blip:
+    model = model.to(default_device(device))
+    dtype = parse_dtype(dtype)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def create_model(config: BlipConfig | str = "base", task: str | None = None, device=None, dtype=None,
+                 **overrides) -> Blip:
+    """A randomly initialised model from a preset name or a config, e.g. create_model("tiny", "caption")."""
+    if isinstance(config, str):
+        config = get_config(config)
+    if task:
+        overrides["task"] = task
+    if overrides:
+        config = config.replace(**overrides)
+    return _place(Blip(config), device, dtype)
+
+
+def load(name_or_path, task: str | None = None, config: BlipConfig | str | dict | None = None,
+         device=None, dtype=None, strict: bool = True) -> Blip:
+    """Load weights: an official `.pth` (path, URL or name such as "model_base_caption_capfilt_large"),
+    a transformers BLIP folder or hub id, or a folder in our format (`blip convert --to blip`).
+
+    task picks the model to build when it differs from the checkpoint's (e.g. "caption" from a
+    pretrained checkpoint); config replaces the inferred architecture (a BlipConfig, a JSON path, or
+    a dict of dotted overrides such as {"vision.image_size": 480}). dtype: "fp32", "bf16", "fp16".
+    """
+    if isinstance(name_or_path, str) and name_or_path in PRESETS:
+        raise CheckpointError(f"{name_or_path!r} is a preset, not a checkpoint: "
+                              f"use blip.create_model({name_or_path!r}) for random weights")
+    path, implied_task = resolve(name_or_path)
+    inferred, sd = read_checkpoint(path, task=task or implied_task)
+    if isinstance(config, dict):
+        cfg = inferred.replace(**config)
+    elif isinstance(config, str):
+        cfg = BlipConfig.from_json(config)
+    else:
+        cfg = config or inferred
+    if task and cfg.task != task:
+        cfg = cfg.replace(task=task)
+    model = Blip(cfg)
+    model.load_report = load_into(model, sd, strict=strict)
+    return _place(model, device, dtype)

@@ -1,0 +1,322 @@
+"""MED: the one BERT-style text transformer behind every BLIP text role.
+
+`mode="text"`       unimodal encoder ([CLS] first; bidirectional, no cross-attention) for ITC;
+`mode="multimodal"` image-grounded encoder ([ENC] first; cross-attention after self-attention);
+`mode="causal"`     image-grounded decoder ([DEC] first; causal self-attention), with a KV cache.
+
+Parameter names follow the official checkpoints (`encoder.layer.{i}.attention.self.query`, ...), so
+official state dicts load without renaming. Cross-attention keys/values are computed once per image
+(or question) and shared by all rows that belong to it: rows are grouped contiguously, and a group's
+queries are stacked along the query axis instead of copying the image states per row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TextConfig
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, d = x.shape
+    return x.view(b, n, heads, d // heads).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      dropout: float) -> torch.Tensor:
+    """Attention of R query rows over G key/value groups, R = G * K, rows of a group contiguous."""
+    r, h, t, d = q.shape
+    g = k.shape[0]
+    if r == g:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    per = r // g
+    q = q.view(g, per, h, t, d).transpose(1, 2).reshape(g, h, per * t, d)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    return out.view(g, h, per, t, d).transpose(1, 2).reshape(r, h, t, d)
+
+
+class AttentionProjections(nn.Module):
+    """Q from the text; K/V from the text (self) or from the image/question states (cross)."""
+
+    def __init__(self, width: int, heads: int, kv_width: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(kv_width, width)
+        self.value = nn.Linear(kv_width, width)
+
+    def kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _heads(self.key(states), self.heads), _heads(self.value(states), self.heads)
+
+
+class AttentionOutput(nn.Module):
+    def __init__(self, cfg: TextConfig, in_width: int | None = None):
+        super().__init__()
+        self.dense = nn.Linear(in_width or cfg.width, cfg.width)
+        self.LayerNorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, residual):
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, kv_width: int):
+        super().__init__()
+        self.self = AttentionProjections(cfg.width, cfg.heads, kv_width, cfg.attention_dropout)
+        self.output = AttentionOutput(cfg)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.width, cfg.ffn)
+        if cfg.activation != "gelu":
+            raise ValueError(f"unsupported activation {cfg.activation!r}")
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))
+
+
+class Layer(nn.Module):
+    """self-attention -> cross-attention (multimodal/causal only) -> FFN, post-LN residuals."""
+
+    def __init__(self, cfg: TextConfig, cross_width: int | None):
+        super().__init__()
+        self.attention = Attention(cfg, cfg.width)
+        if cross_width:
+            self.crossattention = Attention(cfg, cross_width)
+        self.intermediate = Intermediate(cfg)
+        self.output = AttentionOutput(cfg, cfg.ffn)
+
+    def forward(self, x, self_mask, cross_kv, cross_mask, past: tuple | None, causal: bool):
+        proj = self.attention.self
+        drop = proj.dropout if self.training else 0.0
+        q, k, v = _heads(proj.query(x), proj.heads), *proj.kv(x)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        present = (k, v)
+        if causal and self_mask is None and q.shape[2] == k.shape[2]:
+            a = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask, dropout_p=drop)
+        x = self.attention.output(_merge(a), x)
+        if cross_kv is not None:
+            cproj = self.crossattention.self
+            q = _heads(cproj.query(x), cproj.heads)
+            a = grouped_attention(q, cross_kv[0], cross_kv[1], cross_mask, cproj.dropout if self.training else 0.0)
+            x = self.crossattention.output(_merge(a), x)
+        return self.output(self.intermediate(x), x), present
+
+
+class Embeddings(nn.Module):
+    """Word + absolute position embeddings (no token types), LayerNorm, dropout."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.width, padding_idx=0)
+        self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.width)
+        self.LayerNorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, input_ids, offset: int = 0):
+        t = input_ids.shape[1]
+        if offset + t > self.position_embeddings.num_embeddings:
+            raise ValueError(f"text of {offset + t} tokens exceeds the {self.position_embeddings.num_embeddings} positions")
+        pos = torch.arange(offset, offset + t, device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)
+        return self.dropout(self.LayerNorm(x))
+
+
+class _Stack(nn.Module):
+    def __init__(self, cfg: TextConfig, cross_width: int | None):
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(cfg, cross_width) for _ in range(cfg.depth))
+
+
+@dataclass
+class KVCache:
+    """Per-layer self-attention keys/values plus the shared cross-attention keys/values."""
+    cross_kv: list
+    cross_mask: torch.Tensor | None
+    self_kv: list = field(default_factory=list)
+    length: int = 0
+
+
+def key_padding_mask(mask: torch.Tensor | None, dtype=torch.bool) -> torch.Tensor | None:
+    """(B, S) 1/0 -> (B, 1, 1, S) boolean 'may attend', or None when nothing is masked."""
+    if mask is None or bool(mask.all()):
+        return None
+    return mask[:, None, None, :].bool()
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg: TextConfig, cross_width: int | None):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = _Stack(cfg, cross_width)
+
+    @property
+    def layers(self):
+        return self.encoder.layer
+
+    def cross_kv(self, states: torch.Tensor) -> list:
+        return [layer.crossattention.self.kv(states) for layer in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                encoder_states: torch.Tensor | None = None, encoder_mask: torch.Tensor | None = None,
+                mode: str = "multimodal", cache: KVCache | None = None) -> torch.Tensor:
+        """Hidden states (R, T, width). encoder_states (G, S, cross_width) with R a multiple of G:
+        rows [i*R/G, (i+1)*R/G) attend to group i."""
+        if mode not in ("text", "multimodal", "causal"):
+            raise ValueError(f"unknown mode {mode!r}")
+        causal = mode == "causal"
+        offset = cache.length if cache is not None else 0
+        x = self.embeddings(input_ids, offset)
+        t = input_ids.shape[1]
+        self_mask = key_padding_mask(attention_mask)
+        if causal and (self_mask is not None or (offset and t > 1)):
+            total = offset + t
+            allowed = torch.ones(t, total, dtype=torch.bool, device=x.device).tril(offset)
+            self_mask = allowed[None, None] if self_mask is None else (self_mask & allowed[None, None])
+        if cache is not None:
+            cross_kv, cross_mask = cache.cross_kv, cache.cross_mask
+        elif mode == "text":
+            cross_kv, cross_mask = None, None
+        else:
+            if encoder_states is None:
+                raise ValueError(f"mode {mode!r} needs encoder_states (image or question states)")
+            if input_ids.shape[0] % encoder_states.shape[0]:
+                raise ValueError("the number of text rows must be a multiple of the number of image rows")
+            cross_kv, cross_mask = self.cross_kv(encoder_states), key_padding_mask(encoder_mask)
+        for i, layer in enumerate(self.layers):
+            past = cache.self_kv[i] if cache is not None and i < len(cache.self_kv) else None
+            x, present = layer(x, self_mask, cross_kv[i] if cross_kv else None, cross_mask, past, causal)
+            if cache is not None:
+                if len(cache.self_kv) <= i:
+                    cache.self_kv.append(present)
+                else:
+                    cache.self_kv[i] = present
+        if cache is not None:
+            cache.length += t
+        return x
+
+
+class PredictionTransform(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.width, cfg.width)
+        self.LayerNorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+
+    def forward(self, x):
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class Predictions(nn.Module):
+    """LM head; `decoder.weight` is tied to the word embeddings, `bias` is `decoder.bias`."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.transform = PredictionTransform(cfg)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.decoder = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
+        self.decoder.bias = self.bias
+
+    def forward(self, x):
+        return self.decoder(self.transform(x))
+
+
+class _LMHead(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.predictions = Predictions(cfg)
+
+    def forward(self, x):
+        return self.predictions(x)
+
+
+class TextDecoder(nn.Module):
+    """Image-grounded (or question-grounded) causal decoder with its LM head."""
+
+    def __init__(self, cfg: TextConfig, cross_width: int):
+        super().__init__()
+        self.bert = TextTransformer(cfg, cross_width)
+        self.cls = _LMHead(cfg)
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    def forward(self, input_ids, attention_mask=None, encoder_states=None, encoder_mask=None):
+        """Logits (R, T, vocab) of teacher-forced decoding."""
+        hidden = self.bert(input_ids, attention_mask, encoder_states, encoder_mask, mode="causal")
+        return self.cls(hidden)
+
+    def lm_loss(self, input_ids, attention_mask, encoder_states, encoder_mask=None, prompt_length: int = 0,
+                label_smoothing: float = 0.1, reduction: str = "mean") -> torch.Tensor:
+        """Shifted next-token cross-entropy, pads ignored, the first prompt_length targets ignored.
+        reduction="none" sums per sequence (the official VQA/rank scoring)."""
+        logits = self(input_ids, attention_mask, encoder_states, encoder_mask)[:, :-1]
+        targets = input_ids.masked_fill(attention_mask == 0, -100)[:, 1:].clone()
+        if prompt_length:
+            targets[:, : prompt_length - 1] = -100
+        loss = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100,
+                               label_smoothing=label_smoothing, reduction="none")
+        if reduction == "none":
+            return loss.sum(1)
+        return loss.sum() / (targets != -100).sum().clamp(min=1)
+
+    def start(self, encoder_states: torch.Tensor, encoder_mask: torch.Tensor | None = None) -> "DecoderState":
+        return DecoderState(self, encoder_states, encoder_mask)
+
+
+class DecoderState:
+    """Incremental decoding for `blip.generation.generate`: feeds new tokens, keeps the self-attention
+    cache, and keeps ONE copy of each item's cross-attention keys/values however many beams it has."""
+
+    def __init__(self, decoder: TextDecoder, encoder_states: torch.Tensor, encoder_mask: torch.Tensor | None):
+        self.decoder = decoder
+        self.cache = KVCache(decoder.bert.cross_kv(encoder_states), key_padding_mask(encoder_mask))
+        self.rows = encoder_states.shape[0]
+        self.groups = encoder_states.shape[0]
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.decoder.bert(input_ids, mode="causal", cache=self.cache)
+        return self.decoder.cls(hidden[:, -1]).float()
+
+    def reorder(self, rows: torch.Tensor, groups: int) -> None:
+        rows = rows.to(self.cache.cross_kv[0][0].device)
+        per_old = self.rows // self.groups
+        per_new = rows.numel() // groups
+        keep = rows.view(groups, per_new)[:, 0] // per_old
+        if groups != self.groups or not torch.equal(keep, torch.arange(groups, device=keep.device)):
+            self.cache.cross_kv = [(k[keep], v[keep]) for k, v in self.cache.cross_kv]
+            if self.cache.cross_mask is not None:
+                self.cache.cross_mask = self.cache.cross_mask[keep]
+        if self.cache.self_kv and not (rows.numel() == self.rows and torch.equal(rows, torch.arange(self.rows, device=rows.device))):
+            self.cache.self_kv = [(k[rows], v[rows]) for k, v in self.cache.self_kv]
+        self.rows, self.groups = rows.numel(), groups
+
+
+def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorm."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,146 @@
+"""The ViT image encoder (timm layout, as the official checkpoints store it).
+
+Pre-norm blocks, fused qkv with bias, no classification head: the output is every token after the
+final LayerNorm, which is what the text side cross-attends to.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import VisionConfig
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """Resize a (1, 1+N, D) position table to 1+num_patches rows: bicubic on the square grid,
+    the class token's row kept (the official `interpolate_pos_embed`)."""
+    extra = pos_embed.shape[1] - int(math.isqrt(pos_embed.shape[1] - 1)) ** 2
+    old = int(math.isqrt(pos_embed.shape[1] - extra))
+    new = int(math.isqrt(num_patches))
+    if old == new:
+        return pos_embed
+    if old * old + extra != pos_embed.shape[1] or new * new != num_patches:
+        raise ValueError(f"cannot interpolate a {pos_embed.shape[1]}-row position table to {num_patches} patches")
+    head, grid = pos_embed[:, :extra], pos_embed[:, extra:]
+    dim = grid.shape[-1]
+    grid = grid.reshape(1, old, old, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, dim).to(pos_embed.dtype)
+    return torch.cat([head, grid], dim=1)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, width: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: VisionConfig, drop_path: float, use_checkpoint: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg.width, cfg.heads)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+        self.use_checkpoint = use_checkpoint
+
+    def _forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward(self, x):
+        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_size = cfg.patch_size
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.width))
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        first_ckpt = cfg.depth - (cfg.checkpoint_layers or cfg.depth)
+        self.blocks = nn.ModuleList(
+            Block(cfg, rates[i], cfg.grad_checkpointing and i >= first_ckpt) for i in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self._init_weights()
+
+    def _init_weights(self):
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def position_table(self, num_patches: int) -> torch.Tensor:
+        if num_patches + 1 == self.pos_embed.shape[1]:
+            return self.pos_embed
+        return interpolate_pos_embed(self.pos_embed, num_patches)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised pixels -> (B, 1 + H*W/patch^2, width) tokens."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        if h % self.patch_size or w % self.patch_size or h != w:
+            raise ValueError(f"image size {h}x{w} must be square and a multiple of the patch size {self.patch_size}")
+        x = self.patch_embed(images.to(self.cls_token.dtype))
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.position_table(x.shape[1] - 1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)

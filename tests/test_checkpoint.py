@@ -1,0 +1,175 @@
+"""Every way weights get in and out: official .pth, transformers folders, our format, conversion."""
+import json
+import pickle
+
+import pytest
+import torch
+
+import blip
+from blip.checkpoint import CheckpointError, hf_to_official, official_to_hf, read_checkpoint
+
+
+def _official_pth(hf, path, extra=None):
+    """The inverse of transformers' published key mapping: an official-layout checkpoint."""
+    sd = {hf_to_official(k): v.clone() for k, v in hf.state_dict().items()}
+    sd.update(extra or {})
+    torch.save({"model": sd, "epoch": 3}, path)
+    return sd
+
+
+def test_key_mapping_round_trip():
+    keys = ["visual_encoder.cls_token", "visual_encoder.pos_embed", "visual_encoder.patch_embed.proj.weight",
+            "visual_encoder.blocks.11.attn.qkv.bias", "visual_encoder.blocks.0.attn.proj.weight",
+            "visual_encoder.blocks.3.norm1.weight", "visual_encoder.blocks.3.norm2.bias",
+            "visual_encoder.blocks.3.mlp.fc1.weight", "visual_encoder.norm.weight", "text_encoder.embeddings.word_embeddings.weight"]
+    hf = [official_to_hf(k) for k in keys]
+    assert hf[0] == "vision_model.embeddings.class_embedding"
+    assert hf[3] == "vision_model.encoder.layers.11.self_attn.qkv.bias"
+    assert hf[4] == "vision_model.encoder.layers.0.self_attn.projection.weight"
+    assert hf[8] == "vision_model.post_layernorm.weight"
+    assert [hf_to_official(k) for k in hf] == keys
+
+
+@pytest.mark.parametrize("task", ["caption", "retrieval", "vqa"])
+def test_official_pth_loads_with_same_outputs(hf_dirs, tmp_path, task):
+    folder, hf = hf_dirs[task]
+    # the official layout also carries training state; it must be set aside, not fail the load
+    extra = {"temp": torch.tensor(0.05)} if task == "retrieval" else {}
+    _official_pth(hf, tmp_path / "m.pth", extra)
+    ref = blip.load(folder)
+    model = blip.load(tmp_path / "m.pth", config=ref.config)
+    assert model.config.task == task
+    px = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(model.encode_image(px), ref.encode_image(px), atol=1e-6)
+    for (k, a), (k2, b) in zip(sorted(model.state_dict().items()), sorted(ref.state_dict().items())):
+        if k != "temp":
+            assert k == k2 and torch.equal(a, b), k
+
+
+def test_official_shapes_inferred_and_pos_embed_interpolated(hf_dirs, tmp_path):
+    folder, hf = hf_dirs["caption"]
+    _official_pth(hf, tmp_path / "m.pth")
+    config, sd = read_checkpoint(tmp_path / "m.pth")
+    assert config.task == "caption"
+    assert (config.vision.width, config.vision.depth, config.vision.patch_size, config.vision.image_size) == (48, 2, 8, 32)
+    assert (config.text.width, config.text.depth, config.cross_width) == (64, 2, 48)
+    bigger = blip.load(tmp_path / "m.pth", config={"vision.image_size": 64, "text.heads": 4})
+    assert bigger.visual_encoder.pos_embed.shape[1] == 1 + 64
+    assert any("interpolated" in n for n in bigger.load_report.notes())
+    assert bigger.encode_image(torch.randn(1, 3, 64, 64)).shape == (1, 65, 48)
+
+
+def test_training_state_set_aside_and_reported(hf_dirs, tmp_path):
+    folder, hf = hf_dirs["retrieval"]
+    extra = {"image_queue": torch.randn(32, 64), "text_queue": torch.randn(32, 64),
+             "visual_encoder_m.cls_token": torch.zeros(1, 1, 48), "idx_queue": torch.zeros(1, 64)}
+    _official_pth(hf, tmp_path / "m.pth", extra)
+    model = blip.load(tmp_path / "m.pth", config=blip.load(folder).config)
+    assert len(model.load_report.training_only) == 4
+    assert "training-only" in " ".join(model.load_report.notes())
+
+
+def test_problems_reported_in_one_message(hf_dirs, tmp_path):
+    folder, hf = hf_dirs["retrieval"]
+    sd = {hf_to_official(k): v for k, v in hf.state_dict().items()}
+    del sd["itm_head.bias"]
+    sd["surprise.weight"] = torch.zeros(3)
+    sd["text_proj.weight"] = torch.zeros(7, 64)
+    torch.save({"model": sd}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as err:
+        blip.load(tmp_path / "bad.pth", config=blip.load(folder).config)
+    msg = str(err.value)
+    assert "missing 1: itm_head.bias" in msg and "unexpected 1: surprise.weight" in msg and "wrong shape 1" in msg
+    model = blip.load(tmp_path / "bad.pth", config=blip.load(folder).config, strict=False)
+    assert model.config.task == "retrieval"
+
+
+def test_our_format_round_trip(hf_dirs, tmp_path):
+    from blip.checkpoint import save_blip
+    folder, _ = hf_dirs["vqa"]
+    model = blip.load(folder)
+    save_blip(model, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["format"] == "blip"
+    again = blip.load(tmp_path / "ours")
+    assert again.config == model.config
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    # tied weights stay tied after a round trip
+    dec = again.text_decoder
+    assert dec.cls.predictions.decoder.weight is dec.bert.embeddings.word_embeddings.weight
+
+
+def test_convert_to_hf_loads_in_transformers(hf_dirs, tmp_path):
+    import transformers
+    from blip.cli import main
+    folder, hf = hf_dirs["caption"]
+    px = torch.randn(1, 3, 32, 32)
+    assert main(["convert", str(folder), str(tmp_path / "hf2"), "--to", "hf"]) == 0
+    back2 = transformers.BlipForConditionalGeneration.from_pretrained(str(tmp_path / "hf2")).eval()
+    ids = torch.tensor([[30522, 1037, 3861, 1997]])
+    with torch.no_grad():
+        a = back2(pixel_values=px, input_ids=ids).logits
+        b = hf(pixel_values=px, input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_convert_official_round_trip(hf_dirs, tmp_path):
+    from blip.cli import main
+    folder, _ = hf_dirs["retrieval"]
+    assert main(["convert", str(folder), str(tmp_path / "o.pth"), "--to", "official"]) == 0
+    obj = torch.load(tmp_path / "o.pth", weights_only=True)
+    assert "visual_encoder.blocks.0.attn.qkv.weight" in obj["model"]
+    model = blip.load(tmp_path / "o.pth", config=blip.load(folder).config)
+    px = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(model.embed_images(px), blip.load(folder).embed_images(px), atol=1e-6)
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickles_are_never_executed(tmp_path, capsys):
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"model": Evil()}, f)
+    with pytest.raises(CheckpointError, match="weights-only"):
+        blip.load(tmp_path / "evil.pth")
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_missing_path_and_garbage_files(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        blip.load(tmp_path / "nope.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError):
+        blip.load(tmp_path / "garbage.pth")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(CheckpointError):
+        blip.load(tmp_path / "garbage.safetensors")
+    torch.save({"model": {"foo.weight": torch.zeros(2)}}, tmp_path / "foreign.pth")
+    with pytest.raises(CheckpointError, match="not a BLIP checkpoint"):
+        blip.load(tmp_path / "foreign.pth")
+    with pytest.raises(CheckpointError, match="preset"):
+        blip.load("tiny")
+
+
+def test_wrong_kind_of_checkpoint(hf_dirs):
+    folder, _ = hf_dirs["caption"]
+    model = blip.load(folder)
+    with pytest.raises(blip.MissingPartError, match="retrieval or pretrained"):
+        model.match(torch.randn(1, 3, 32, 32), ["a dog"])
+    with pytest.raises(blip.MissingPartError, match="VQA checkpoint"):
+        model.answer(torch.randn(1, 3, 32, 32), ["what?"])
+    # asking for a task whose parts the checkpoint lacks fails at load, naming what is missing
+    with pytest.raises(CheckpointError, match="missing"):
+        blip.load(folder, task="retrieval")
+    retrieval = blip.load(hf_dirs["retrieval"][0])
+    with pytest.raises(blip.MissingPartError, match="captioning"):
+        retrieval.caption(torch.randn(1, 3, 32, 32))
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(CheckpointError, match="hub id"):
+        blip.load("Salesforce/blip-image-captioning-base")
