@@ -1,0 +1,108 @@
+"""Captioning speed: ours against transformers on the same random `base` weights, side by side.
+
+384 px, 8 images, beam 3 (min 5, max 20), greedy and nucleus sampling; fp32 for both, plus our bf16
+against transformers fp32. Reports images/s, the ratio, the decoding part (total minus the image
+encoder) and whether the tokens are identical (ours with length_normalization="generated", the
+rule current transformers uses). Writes benchmarks/results/caption_speed.json.
+
+    python benchmarks/caption_speed.py [--images 8] [--repeats 3] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import hf_base_caption, interleave, machine, median, write  # noqa: E402
+
+import blip  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--image-size", type=int, default=384)
+    ap.add_argument("--modes", default="beam3,greedy,sample")
+    ap.add_argument("--no-bf16", action="store_true")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    hf, folder = hf_base_caption(args.image_size)
+    ours = blip.load(folder)
+    px = torch.randn(args.images, 3, args.image_size, args.image_size)
+    prompt = ours.prompt_ids("a picture of ", args.images)
+    hf_prompt = torch.cat([prompt, torch.full((args.images, 1), 102)], dim=1)
+    modes = {"beam3": dict(num_beams=3), "greedy": dict(num_beams=1),
+             "sample": dict(do_sample=True, top_p=0.9, num_beams=1)}
+    result = {"machine": machine(), "images": args.images, "image_size": args.image_size,
+              "max_length": 20, "min_length": 5, "repeats": args.repeats, "targets": {}}
+
+    def hf_vit():
+        with torch.inference_mode():
+            return hf.vision_model(pixel_values=px).last_hidden_state
+
+    def our_vit():
+        return ours.encode_image(px)
+
+    vit = interleave({"transformers": hf_vit, "ours": our_vit}, args.repeats)
+    result["image_encoder_s"] = {k: median(v) for k, v in vit.items()}
+
+    for mode in args.modes.split(","):
+        kw = modes[mode]
+        sample = kw.get("do_sample", False)
+
+        def run_hf():
+            torch.manual_seed(0)
+            with torch.inference_mode():
+                return hf.generate(pixel_values=px, input_ids=hf_prompt.clone(), max_length=20, min_length=5,
+                                   repetition_penalty=1.1 if sample else 1.0, **kw)
+
+        def run_ours(dtype=None):
+            torch.manual_seed(0)
+            return ours.generate_ids(px, prompt="a picture of ", max_length=20, min_length=5, sample=sample,
+                                     top_p=0.9, num_beams=kw["num_beams"], length_normalization="generated")[0]
+
+        ref, mine = run_hf(), run_ours()
+        width = max(ref.shape[1], mine.shape[1])
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+        identical = torch.equal(pad(ref), pad(mine))
+        t = interleave({"transformers": run_hf, "ours": run_ours}, args.repeats)
+        hf_s, our_s = median(t["transformers"]), median(t["ours"])
+        hf_dec = hf_s - result["image_encoder_s"]["transformers"]
+        our_dec = our_s - result["image_encoder_s"]["ours"]
+        result["targets"][mode] = {
+            "transformers_images_per_s": args.images / hf_s, "ours_images_per_s": args.images / our_s,
+            "end_to_end_ratio": hf_s / our_s, "decoding_ratio": hf_dec / max(our_dec, 1e-9),
+            "tokens_identical": identical, "transformers_s": t["transformers"], "ours_s": t["ours"]}
+        print(f"{mode}: ours {args.images / our_s:.2f} img/s, transformers {args.images / hf_s:.2f} img/s, "
+              f"ratio {hf_s / our_s:.2f}x, decoding {hf_dec / max(our_dec, 1e-9):.2f}x, identical={identical}",
+              file=sys.stderr)
+
+    if not args.no_bf16:
+        ours_bf16 = blip.load(folder, dtype="bf16")
+
+        def run_bf16():
+            return ours_bf16.generate_ids(px, prompt="a picture of ", max_length=20, min_length=5, num_beams=3)[0]
+
+        def run_hf():
+            with torch.inference_mode():
+                return hf.generate(pixel_values=px, input_ids=hf_prompt.clone(), max_length=20, min_length=5,
+                                   num_beams=3)
+
+        t = interleave({"transformers_fp32": run_hf, "ours_bf16": run_bf16}, args.repeats)
+        emb32 = ours.embed_images(px, project=False).float()
+        emb16 = ours_bf16.embed_images(px, project=False).float()
+        cos = torch.nn.functional.cosine_similarity(emb32, emb16, dim=-1).min().item()
+        result["targets"]["bf16_beam3"] = {
+            "end_to_end_ratio_vs_transformers_fp32": median(t["transformers_fp32"]) / median(t["ours_bf16"]),
+            "ours_bf16_images_per_s": args.images / median(t["ours_bf16"]),
+            "image_embedding_min_cosine_to_fp32": cos}
+    write("caption_speed", result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Shared benchmark plumbing: same random weights for both sides, interleaved repeats, medians."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def hf_base_caption(image_size: int = 384, seed: int = 0):
+    """transformers' BlipForConditionalGeneration with `base` shapes and random weights, saved to a
+    folder our loader reads, so both sides run the very same weights."""
+    from transformers import BlipConfig, BlipForConditionalGeneration
+    torch.manual_seed(seed)
+    cfg = BlipConfig(text_config=dict(num_attention_heads=12, hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.0),
+                     vision_config=dict(image_size=image_size, layer_norm_eps=1e-6, initializer_range=0.02))
+    model = BlipForConditionalGeneration(cfg).eval()
+    folder = Path(tempfile.mkdtemp(prefix="blip-bench-"))
+    model.save_pretrained(str(folder))
+    return model, folder
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - t0, out
+
+
+def interleave(sides: dict, repeats: int) -> dict[str, list[float]]:
+    """Run each side in turn, `repeats` rounds; returns seconds per side."""
+    times = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            times[name].append(timed(fn)[0])
+    return times
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def machine() -> dict:
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def write(name: str, result: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return path
