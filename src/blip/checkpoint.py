@@ -252,10 +252,21 @@ class LoadReport:
 
 
 def _tie_groups(model: torch.nn.Module) -> dict[str, set[str]]:
-    by_ptr: dict[int, set[str]] = {}
+    by_ptr: dict[int, set[str]] = {}  # by object identity: meta tensors all have data_ptr 0
     for name, t in model.state_dict(keep_vars=True).items():
-        by_ptr.setdefault(t.data_ptr(), set()).add(name)
+        by_ptr.setdefault(id(t), set()).add(name)
     return {n: g for g in by_ptr.values() for n in g}
+
+
+def _retie(model: torch.nn.Module, ties: dict[str, set[str]], loaded) -> None:
+    """After `assign=True` loading, point every alias of a shared tensor back at the loaded one."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, group in ties.items():
+        source = next((g for g in sorted(group) if g in loaded), None)
+        if source is None or source == name or name not in params:
+            continue
+        module_path, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module_path), attr, params[source])
 
 
 def _short(keys: list[str], n: int = 8) -> str:
@@ -299,7 +310,10 @@ def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], strict: bool 
             problems.append(f"wrong shape {len(mismatched)}: {_short(mismatched)}")
         raise CheckpointError("checkpoint does not fit the model — " + "; ".join(problems))
     good = {k: v for k, v in clean.items() if k in own and v.shape == own[k].shape}
-    model.load_state_dict(good, strict=False)
+    on_meta = any(t.is_meta for t in own.values())
+    model.load_state_dict(good, strict=False, assign=on_meta)
+    if on_meta:
+        _retie(model, ties, good.keys())
     report.loaded = len(good)
     for note in report.notes():
         log.info(note)

@@ -68,6 +68,11 @@ def load(name_or_path, task: str | None = None, config: BlipConfig | str | dict 
         cfg = config or inferred
     if task and cfg.task != task:
         cfg = cfg.replace(task=task)
-    model = Blip(cfg)
-    model.load_report = load_into(model, sd, strict=strict)
+    with torch.device("meta"):  # no random initialisation of weights about to be overwritten
+        model = Blip(cfg)
+    report = load_into(model, sd, strict=strict)
+    if any(t.is_meta for t in model.state_dict().values()):  # some tensors kept their initial value
+        model = Blip(cfg)
+        report = load_into(model, sd, strict=strict)
+    model.load_report = report
     return _place(model, device, dtype)

@@ -108,7 +108,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.width))
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         first_ckpt = cfg.depth - (cfg.checkpoint_layers or cfg.depth)
         self.blocks = nn.ModuleList(
             Block(cfg, rates[i], cfg.grad_checkpointing and i >= first_ckpt) for i in range(cfg.depth))
