@@ -59,13 +59,11 @@ def _batches(paths: list[str], size: int, progress: bool):
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(paths), unit="img", file=sys.stderr)
-    failed = 0
     batch: list = []
     for path in paths:
         try:
             batch.append((path, load_image(path)))
         except ImageError as e:
-            failed += 1
             print(f"blip: error: {e}", file=sys.stderr)
         if len(batch) == size:
             yield batch
@@ -76,7 +74,6 @@ def _batches(paths: list[str], size: int, progress: bool):
         yield batch
     if bar:
         bar.close()
-    _batches.failed = failed
 
 
 def _emit(args, record: dict, text: str) -> None:
@@ -269,6 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["pretrain", "caption", "retrieval", "vqa", "feature"])
     p.add_argument("--non-strict", action="store_true", help="load despite missing/unexpected keys")
     p.set_defaults(func=cmd_convert)
+
+    from blip.data.synth import add_cli as add_data_cli
+    add_data_cli(sub)
+    try:
+        from blip.train.cli import add_cli as add_train_cli
+    except ImportError:  # the training package is optional at import time
+        add_train_cli = None
+    if add_train_cli:
+        add_train_cli(sub)
 
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("checkpoint")
