@@ -35,6 +35,8 @@ def make_hf(task: str, seed: int = 0, scale: float = 1.0):
                     p.normal_(0, 0.1)
             else:
                 p.normal_(0, 0.05)
+        if hasattr(model, "text_decoder"):  # make [SEP] competitive so captions end at varied lengths
+            model.text_decoder.cls.predictions.bias[102] += 13.0
     return model
 
 
