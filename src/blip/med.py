@@ -98,13 +98,12 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = AttentionOutput(cfg, cfg.ffn)
 
-    def forward(self, x, self_mask, cross_kv, cross_mask, past: tuple | None, causal: bool):
+    def forward(self, x, self_mask, cross_kv, cross_mask, cache: "KVCache | None", index: int, causal: bool):
         proj = self.attention.self
         drop = proj.dropout if self.training else 0.0
         q, k, v = _heads(proj.query(x), proj.heads), *proj.kv(x)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        present = (k, v)
+        if cache is not None:
+            k, v = cache.append(index, k, v)
         if causal and self_mask is None and q.shape[2] == k.shape[2]:
             a = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
         else:
@@ -115,7 +114,7 @@ class Layer(nn.Module):
             q = _heads(cproj.query(x), cproj.heads)
             a = grouped_attention(q, cross_kv[0], cross_kv[1], cross_mask, cproj.dropout if self.training else 0.0)
             x = self.crossattention.output(_merge(a), x)
-        return self.output(self.intermediate(x), x), present
+        return self.output(self.intermediate(x), x)
 
 
 class Embeddings(nn.Module):
@@ -145,11 +144,36 @@ class _Stack(nn.Module):
 
 @dataclass
 class KVCache:
-    """Per-layer self-attention keys/values plus the shared cross-attention keys/values."""
+    """Self-attention keys/values in pre-allocated buffers (R, heads, capacity, head_dim) per layer,
+    grown by doubling, plus the cross-attention keys/values shared by each group of rows."""
     cross_kv: list
     cross_mask: torch.Tensor | None
-    self_kv: list = field(default_factory=list)
+    buffers: list = field(default_factory=list)
     length: int = 0
+
+    def append(self, index: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values after the cached ones; return views of everything so far."""
+        end = self.length + k.shape[2]
+        if index == len(self.buffers):
+            shape = (k.shape[0], k.shape[1], max(32, 2 * end), k.shape[3])
+            self.buffers.append((k.new_empty(shape), v.new_empty(shape)))
+        kb, vb = self.buffers[index]
+        if end > kb.shape[2]:
+            grown = (kb.shape[0], kb.shape[1], 2 * end, kb.shape[3])
+            kb, vb = _copy_into(kb.new_empty(grown), kb, self.length), _copy_into(vb.new_empty(grown), vb, self.length)
+            self.buffers[index] = (kb, vb)
+        kb[:, :, self.length:end] = k
+        vb[:, :, self.length:end] = v
+        return kb[:, :, :end], vb[:, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep/duplicate/reorder rows (beam search): one gather per buffer."""
+        self.buffers = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.buffers]
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor, n: int) -> torch.Tensor:
+    dst[:, :, :n] = src[:, :, :n]
+    return dst
 
 
 def key_padding_mask(mask: torch.Tensor | None, dtype=torch.bool) -> torch.Tensor | None:
@@ -200,13 +224,7 @@ class TextTransformer(nn.Module):
                 raise ValueError("the number of text rows must be a multiple of the number of image rows")
             cross_kv, cross_mask = self.cross_kv(encoder_states), key_padding_mask(encoder_mask)
         for i, layer in enumerate(self.layers):
-            past = cache.self_kv[i] if cache is not None and i < len(cache.self_kv) else None
-            x, present = layer(x, self_mask, cross_kv[i] if cross_kv else None, cross_mask, past, causal)
-            if cache is not None:
-                if len(cache.self_kv) <= i:
-                    cache.self_kv.append(present)
-                else:
-                    cache.self_kv[i] = present
+            x = layer(x, self_mask, cross_kv[i] if cross_kv else None, cross_mask, cache, i, causal)
         if cache is not None:
             cache.length += t
         return x
@@ -300,8 +318,8 @@ class DecoderState:
             self.cache.cross_kv = [(k[keep], v[keep]) for k, v in self.cache.cross_kv]
             if self.cache.cross_mask is not None:
                 self.cache.cross_mask = self.cache.cross_mask[keep]
-        if self.cache.self_kv and not (rows.numel() == self.rows and torch.equal(rows, torch.arange(self.rows, device=rows.device))):
-            self.cache.self_kv = [(k[rows], v[rows]) for k, v in self.cache.self_kv]
+        if self.cache.buffers and not (rows.numel() == self.rows and torch.equal(rows, torch.arange(self.rows, device=rows.device))):
+            self.cache.select(rows)
         self.rows, self.groups = rows.numel(), groups
 
 
