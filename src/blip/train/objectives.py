@@ -1,0 +1,252 @@
+"""BLIP pretraining objectives: ITC with momentum distillation, ITM with hard negatives, and LM.
+
+Each loss is a plain function on tensors (tested on small inputs); `PretrainObjective` wires them to a
+`Blip` model, its momentum towers and feature queues. An objective is any module whose
+`forward(batch, info)` returns a dict with a scalar "loss" (plus parts to log): the training loop
+knows nothing else, so finetuning objectives plug into the same loop.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..med import KVCache
+from ..tokenizer import DEC_ID, ENC_ID
+from . import distributed as dist
+
+
+@dataclass
+class StepInfo:
+    """Where the loop is: optimizer step `step` of `steps_per_epoch` in `epoch`."""
+    epoch: int = 0
+    step: int = 0
+    steps_per_epoch: int = 1
+    first_micro_batch: bool = True  # the first forward of an optimizer step (momentum update)
+
+
+# ------------------------------------------------------------------------------ parameter sharing
+def tie_text_towers(model: nn.Module, skip: str = "attention") -> list[str]:
+    """Make `model.text_decoder.bert` use the text encoder's modules, except self-attention
+    (`encoder.layer.i.attention`), like the official `tie_encoder_decoder_weights(.., '/attention')`.
+    The LM head stays the decoder's, re-tied to the shared word embeddings. Returns the tied paths."""
+    tied: list[str] = []
+
+    def tie(src: nn.Module, dst: nn.Module, path: str) -> None:
+        for name, child in src.named_children():
+            if name == skip:
+                continue
+            if any(n.rsplit(".", 1)[-1] == skip for n, _ in child.named_modules() if n):
+                tie(child, getattr(dst, name), f"{path}{name}.")
+            else:
+                setattr(dst, name, child)
+                tied.append(path + name)
+
+    decoder = model.text_decoder
+    tie(model.text_encoder, decoder.bert, "")
+    decoder.cls.predictions.decoder.weight = decoder.bert.embeddings.word_embeddings.weight
+    return tied
+
+
+# ------------------------------------------------------------------------------ momentum towers
+class MomentumTowers(nn.Module):
+    """EMA copies of the ITC towers and the two feature queues (official names: `visual_encoder_m`,
+    ..., `image_queue`, `text_queue`, `queue_ptr`)."""
+
+    NAMES = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
+
+    def __init__(self, model: nn.Module, momentum: float = 0.995, queue_size: int = 57600):
+        super().__init__()
+        self.momentum = momentum
+        for name in self.NAMES:
+            tower = copy.deepcopy(getattr(model, name))
+            tower.requires_grad_(False)
+            setattr(self, name + "_m", tower)
+        for block in self.visual_encoder_m.blocks:  # the official copy has no grad checkpointing
+            block.use_checkpoint = False
+        dim = model.vision_proj.out_features
+        self.register_buffer("image_queue", F.normalize(torch.randn(dim, queue_size), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(dim, queue_size), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    def pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        online, ema = [], []
+        for name in self.NAMES:
+            online += list(getattr(model, name).parameters())
+            ema += list(getattr(self, name + "_m").parameters())
+        return online, ema
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """p_m = m * p_m + (1 - m) * p for every parameter."""
+        online, ema = self.pairs(model)
+        torch._foreach_mul_(ema, self.momentum)
+        torch._foreach_add_(ema, online, alpha=1.0 - self.momentum)
+
+    @torch.no_grad()
+    def features(self, images, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised momentum ITC features (float32)."""
+        image = self.vision_proj_m(self.visual_encoder_m(images)[:, 0])
+        text = self.text_proj_m(self.text_encoder_m(ids, mask, mode="text")[:, 0])
+        return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+
+    @torch.no_grad()
+    def enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
+        """Write the features of every rank (rank order) at the pointer, then advance it."""
+        image_feat, text_feat = dist.gather(image_feat), dist.gather(text_feat)
+        n, size = image_feat.shape[0], self.image_queue.shape[1]
+        assert size % n == 0, f"queue size {size} is not a multiple of the global batch {n}"
+        ptr = int(self.queue_ptr)
+        self.image_queue[:, ptr:ptr + n] = image_feat.T.to(self.image_queue.dtype)
+        self.text_queue[:, ptr:ptr + n] = text_feat.T.to(self.text_queue.dtype)
+        self.queue_ptr[0] = (ptr + n) % size
+
+
+# ------------------------------------------------------------------------------ losses
+def ramped_alpha(alpha: float, epoch: int, step: int, steps_per_epoch: int, ramp_epochs: float = 2) -> float:
+    """alpha * min(1, (epoch * steps_per_epoch + step) / (ramp_epochs * steps_per_epoch))."""
+    if ramp_epochs <= 0:
+        return alpha
+    return alpha * min(1.0, (epoch * steps_per_epoch + step) / (ramp_epochs * steps_per_epoch))
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -(F.log_softmax(logits, dim=1) * targets).sum(1).mean()
+
+
+def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha):
+    """Contrastive loss against [momentum batch ; queue] with distilled targets
+    alpha * softmax(momentum sims) + (1 - alpha) * one-hot(diagonal).
+    Features (B, D) normalised, queues (D, Q). Returns (loss, sim_i2t, sim_t2i), sims (B, B + Q)."""
+    image_all = torch.cat([image_feat_m.T, image_queue], dim=1)
+    text_all = torch.cat([text_feat_m.T, text_queue], dim=1)
+    with torch.no_grad():
+        onehot = torch.zeros(image_feat.shape[0], image_all.shape[1], device=image_all.device)
+        onehot.fill_diagonal_(1)
+        i2t_targets = alpha * (image_feat_m @ text_all / temp).softmax(1) + (1 - alpha) * onehot
+        t2i_targets = alpha * (text_feat_m @ image_all / temp).softmax(1) + (1 - alpha) * onehot
+    sim_i2t = image_feat @ text_all / temp
+    sim_t2i = text_feat @ image_all / temp
+    loss = (soft_cross_entropy(sim_i2t, i2t_targets) + soft_cross_entropy(sim_t2i, t2i_targets)) / 2
+    return loss, sim_i2t, sim_t2i
+
+
+@torch.no_grad()
+def itm_negative_weights(sim: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Hard-negative sampling weights softmax(sim) + 1e-4 with the own pair (row i, column offset + i)
+    at 0. sim (B, N): this batch's rows against the N candidates (the batch, or all ranks' batches)."""
+    w = sim.float().softmax(dim=1) + 1e-4
+    rows = torch.arange(sim.shape[0], device=sim.device)
+    w[rows, rows + offset] = 0
+    return w
+
+
+def sample_negatives(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One column per row, drawn with probability proportional to the row's weights."""
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def itm_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> torch.Tensor:
+    """CE over [positives ; negatives] with labels 1 / 0."""
+    logits = torch.cat([pos_logits, neg_logits]).float()
+    labels = torch.cat([torch.ones(len(pos_logits)), torch.zeros(len(neg_logits))]).long().to(logits.device)
+    return F.cross_entropy(logits, labels)
+
+
+def shifted_targets(ids: torch.Tensor, mask: torch.Tensor, prompt_length: int = 0) -> torch.Tensor:
+    """Next-token targets (B, T-1): pads and the first prompt_length tokens ignored (-100)."""
+    targets = ids.masked_fill(mask == 0, -100)[:, 1:].clone()
+    if prompt_length:
+        targets[:, :prompt_length - 1] = -100
+    return targets
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
+    """Mean label-smoothed CE over the targets that are not -100; logits (..., V), targets (...)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=-100, label_smoothing=label_smoothing)
+
+
+# ------------------------------------------------------------------------------ the objective
+class PretrainObjective(nn.Module):
+    """loss = ITC + ITM + LM over a batch {"image", "input_ids", "attention_mask"} ([CLS] first)."""
+
+    def __init__(self, model: nn.Module, queue_size: int = 57600, momentum: float = 0.995, alpha: float = 0.4,
+                 alpha_ramp_epochs: float = 2, negatives_all_rank: bool = False, label_smoothing: float = 0.1):
+        super().__init__()
+        self.model = model
+        if model.text_decoder.bert.embeddings is not model.text_encoder.embeddings:
+            tie_text_towers(model)
+        self.momentum = MomentumTowers(model, momentum, queue_size)
+        self.alpha, self.alpha_ramp_epochs = alpha, alpha_ramp_epochs
+        self.negatives_all_rank = negatives_all_rank
+        self.label_smoothing = label_smoothing
+
+    def forward(self, batch: dict, info: StepInfo = StepInfo()) -> dict:
+        m = self.model
+        images, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
+        alpha = ramped_alpha(self.alpha, info.epoch, info.step, info.steps_per_epoch, self.alpha_ramp_epochs)
+        with torch.no_grad():
+            m.temp.clamp_(0.001, 0.5)
+        image_embeds = m.visual_encoder(images)
+        image_feat = F.normalize(m.vision_proj(image_embeds[:, 0]).float(), dim=-1)
+        text_feat = F.normalize(m.text_proj(m.text_encoder(ids, mask, mode="text")[:, 0]).float(), dim=-1)
+        with torch.no_grad():
+            if info.first_micro_batch:
+                self.momentum.update(m)
+            image_feat_m, text_feat_m = self.momentum.features(images, ids, mask)
+        with torch.autocast(images.device.type, enabled=False):
+            loss_ita, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m,
+                                                  self.momentum.image_queue, self.momentum.text_queue, m.temp, alpha)
+        kv = m.text_encoder.cross_kv(image_embeds)  # one K/V per image for every cross-attention pass
+        loss_itm = self.itm(image_embeds, image_feat, text_feat, ids, mask, sim_i2t, sim_t2i, kv)
+        loss_lm = self.lm(ids, mask, image_embeds, kv)
+        self.momentum.enqueue(image_feat_m, text_feat_m)
+        return {"loss": loss_ita + loss_itm + loss_lm, "loss_ita": loss_ita.detach(), "loss_itm": loss_itm.detach(),
+                "loss_lm": loss_lm.detach(), "alpha": alpha, "temp": m.temp.detach()}
+
+    def itm(self, image_embeds, image_feat, text_feat, ids, mask, sim_i2t, sim_t2i, kv) -> torch.Tensor:
+        m, bs = self.model, ids.shape[0]
+        enc_ids = ids.clone()
+        enc_ids[:, 0] = ENC_ID
+        if self.negatives_all_rank and dist.world_size() > 1:
+            offset = dist.rank() * bs
+            with torch.no_grad():
+                w_t2i = itm_negative_weights(text_feat @ dist.gather(image_feat).T / m.temp, offset)
+                w_i2t = itm_negative_weights(image_feat @ dist.gather(text_feat).T / m.temp, offset)
+            neg_img, neg_txt = sample_negatives(w_t2i), sample_negatives(w_i2t)
+            cand_ids, cand_mask = dist.gather(enc_ids), dist.gather(mask)
+            neg_states = dist.gather_with_grad(image_embeds)[neg_img]
+            neg_kv = m.text_encoder.cross_kv(neg_states)
+        else:
+            neg_img = sample_negatives(itm_negative_weights(sim_t2i[:, :bs]))
+            neg_txt = sample_negatives(itm_negative_weights(sim_i2t[:, :bs]))
+            cand_ids, cand_mask = enc_ids, mask
+            neg_kv = [(k[neg_img], v[neg_img]) for k, v in kv]
+        pos, neg_text, neg_image = self.itm_states(enc_ids, mask, cand_ids[neg_txt], cand_mask[neg_txt], kv, neg_kv)
+        logits = m.itm_head(torch.cat([pos, neg_text, neg_image]))
+        return itm_loss(logits[:bs], logits[bs:])
+
+    def itm_states(self, ids, mask, neg_ids, neg_mask, kv, neg_kv):
+        """[ENC] states of (image b, text b), (image b, negative text b) — one pass sharing each image's
+        K/V — and (negative image b, text b)."""
+        enc, bs = self.model.text_encoder, ids.shape[0]
+        rows = torch.stack([ids, neg_ids], 1).flatten(0, 1)  # image b owns rows 2b, 2b+1
+        rows_mask = torch.stack([mask, neg_mask], 1).flatten(0, 1)
+        both = enc(rows, rows_mask, mode="multimodal", cache=KVCache(kv, None))[:, 0].view(bs, 2, -1)
+        neg_image = enc(ids, mask, mode="multimodal", cache=KVCache(neg_kv, None))[:, 0]
+        return both[:, 0], both[:, 1], neg_image
+
+    def lm(self, ids, mask, image_embeds, kv) -> torch.Tensor:
+        dec = self.model.text_decoder
+        dec_ids = ids.clone()
+        dec_ids[:, 0] = DEC_ID
+        if dec.bert.layers[0].crossattention is not self.model.text_encoder.layers[0].crossattention:
+            kv = dec.bert.cross_kv(image_embeds)
+        hidden = dec.bert(dec_ids, mask, mode="causal", cache=KVCache(kv, None))
+        targets = shifted_targets(dec_ids, mask)
+        keep = targets != -100  # the LM head only runs where there is a target
+        return lm_loss(dec.cls(hidden[:, :-1][keep]), targets[keep], self.label_smoothing)

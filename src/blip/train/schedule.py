@@ -1,0 +1,45 @@
+"""Learning-rate schedules as pure functions of (epoch, step in epoch): resuming needs no state.
+
+`step_warmup` is the official pretraining schedule, `cosine` the official finetuning one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class StepWarmup:
+    """Epoch 0: linear per-step warmup from warmup_lr to init_lr over warmup_steps (then init_lr);
+    epoch e >= 1: max(min_lr, init_lr * decay**e) for the whole epoch (official `step_lr_schedule`)."""
+    init_lr: float = 3e-4
+    min_lr: float = 1e-6
+    decay: float = 0.9
+    warmup_lr: float = 1e-6
+    warmup_steps: int = 3000
+
+    def __call__(self, epoch: int, step: int) -> float:
+        if epoch == 0 and self.warmup_steps > 0:
+            return min(self.init_lr, self.warmup_lr + (self.init_lr - self.warmup_lr) * step / self.warmup_steps)
+        return max(self.min_lr, self.init_lr * self.decay ** epoch)
+
+
+@dataclass
+class Cosine:
+    """lr = (init_lr - min_lr) * 0.5 * (1 + cos(pi * epoch / epochs)) + min_lr, set once per epoch
+    (official `cosine_lr_schedule`, used for every finetuning task)."""
+    init_lr: float = 1e-5
+    min_lr: float = 0.0
+    epochs: int = 1
+
+    def __call__(self, epoch: int, step: int) -> float:
+        return (self.init_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs)) + self.min_lr
+
+
+def build_schedule(name: str, *, init_lr: float, min_lr: float, decay: float, warmup_lr: float,
+                   warmup_steps: int, epochs: int):
+    if name == "step_warmup":
+        return StepWarmup(init_lr, min_lr, decay, warmup_lr, warmup_steps)
+    if name == "cosine":
+        return Cosine(init_lr, min_lr, epochs)
+    raise ValueError(f"unknown schedule {name!r}; expected step_warmup or cosine")
