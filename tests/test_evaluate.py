@@ -33,3 +33,17 @@ def test_evaluate_retrieval_end_to_end(hf_dirs, tmp_path):
     for r in (itc, itm):
         assert set(r) >= {"tr@1", "ir@1", "tr@10", "r_mean"} and 0 <= r["ir@1"] <= 100
         assert r["ir@10"] == 100.0  # only 4 images
+
+
+def test_evaluate_cli(hf_dirs, tmp_path, capsys):
+    import json as _json
+    from blip.cli import main
+    entries = []
+    for i in range(3):
+        Image.new("RGB", (30, 30), (80 * i, 20, 20)).save(tmp_path / f"{i}.png")
+        entries.append({"image": f"{i}.png", "caption": [f"picture {i}"]})
+    (tmp_path / "t.json").write_text(_json.dumps(entries))
+    assert main(["evaluate", str(tmp_path / "t.json"), "--model", str(hf_dirs["retrieval"][0]), "--json",
+                 "--quiet"]) == 0
+    out = _json.loads(capsys.readouterr().out)
+    assert out["ir@5"] == 100.0 and 0 <= out["tr@1"] <= 100

@@ -206,6 +206,14 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from blip.evaluate import evaluate_retrieval
+    model = _model(args, "retrieval")
+    metrics = evaluate_retrieval(model, args.annotation, args.image_root, k_test=args.k_test, progress=not args.quiet)
+    print(json.dumps(metrics) if args.json else "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="blip", description="BLIP captioning, matching, VQA and embeddings")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -258,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     common(p)
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("evaluate", help="image-text retrieval recall@K on an official-format test file")
+    p.add_argument("annotation", help='JSON list of {"image": path, "caption": [refs]} (coco_karpathy_test style)')
+    p.add_argument("--image-root", help="folder image paths are relative to (default: the JSON's folder)")
+    p.add_argument("--k-test", type=int, default=0, help="re-rank the top k with the ITM head (official: 256/128)")
+    common(p)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("convert", help="convert a checkpoint between formats")
     p.add_argument("src")

@@ -1,0 +1,53 @@
+"""Print the README's speed table from benchmarks/results/*.json (run the benchmarks first)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+R = Path(__file__).parent / "results"
+
+
+def load(name):
+    p = R / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def main() -> None:
+    rows = ["| target | ours | transformers | ratio | goal |", "|---|---|---|---|---|"]
+    cap = load("caption_speed")
+    if cap:
+        for mode, t in cap["targets"].items():
+            if mode.startswith("bf16"):
+                rows.append(f"| captioning beam-3, ours bf16 vs transformers fp32 | {t['ours_bf16_images_per_s']:.2f} img/s | | "
+                            f"{t['end_to_end_ratio_vs_transformers_fp32']:.2f}x | >= 3.5x |")
+                rows.append(f"| bf16 image embedding cosine to fp32 (min) | {t['image_embedding_min_cosine_to_fp32']:.5f} | | | >= 0.999 |")
+                continue
+            rows.append(f"| captioning {mode}, end to end (tokens identical: {t['tokens_identical']}) | "
+                        f"{t['ours_images_per_s']:.2f} img/s | {t['transformers_images_per_s']:.2f} img/s | "
+                        f"{t['end_to_end_ratio']:.2f}x | >= 1.5x |")
+            if "ours_decoding_s" in t:
+                rows.append(f"| captioning {mode}, decoding part | {t['ours_decoding_s']:.2f} s | "
+                            f"{t['transformers_decoding_s']:.2f} s | {t['decoding_ratio']:.2f}x | >= 4x |")
+    roof = load("vit_roof")
+    if roof:
+        for dt, t in roof["targets"].items():
+            rows.append(f"| ViT forward / its matmuls alone ({dt}) | {t['forward_s']:.2f} s | {t['matmuls_s']:.2f} s (matmuls) | "
+                        f"{t['ratio']:.2f}x | <= 1.25x |")
+    match = load("match_speed")
+    if match:
+        rows.append(f"| match 1 image x {match['texts']} texts / sum of parts | {match['match_s']:.2f} s | "
+                    f"{match['parts_s']:.2f} s (parts) | {match['match_over_parts']:.2f}x | <= 1.2x |")
+        rows.append(f"| match pairs/s | {match['ours_pairs_per_s']:.1f} | {match['transformers_pairs_per_s']:.2f} | "
+                    f"{match['speedup_vs_transformers']:.1f}x | recorded |")
+    mem = load("caption_memory")
+    if mem:
+        rows.append(f"| peak memory, captioning 8 images beam-3 | {mem['ours']['peak_mib']:.0f} MiB | "
+                    f"{mem['transformers']['peak_mib']:.0f} MiB | {mem['peak_ratio_ours_over_transformers']:.2f}x | <= 1x |")
+    load_ = load("load_speed")
+    if load_:
+        rows.append(f"| load a `base` checkpoint (our format) | {load_['median_s']:.2f} s | | | < 2 s |")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
