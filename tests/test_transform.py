@@ -539,3 +539,17 @@ def test_prepare_images_from_sources(tmp_path):
         prepare_images([a, tmp_path / "bad.jpg"], 32)
     with pytest.raises(ImageError):
         prepare_images([], 32)
+
+
+def test_train_transform_without_flip_never_mirrors():
+    img = Image.new("RGB", (64, 64), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 16, 64))  # a white band on the left only
+    t = TrainTransform(32, min_scale=1.0, randaugment=False, hflip=False)
+    flipping = TrainTransform(32, min_scale=1.0, randaugment=False)
+    mirrored = 0
+    for seed in range(12):
+        x = t(img, generator=np.random.default_rng(seed))
+        assert x[:, :, :4].mean() > x[:, :, -4:].mean()  # white stays left
+        y = flipping(img, generator=np.random.default_rng(seed))
+        mirrored += bool(y[:, :, :4].mean() < y[:, :, -4:].mean())
+    assert 0 < mirrored < 12  # the flipping transform does mirror some draws

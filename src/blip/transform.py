@@ -323,7 +323,7 @@ class TrainTransform:
     Randomness comes only from `generator` (see _as_generator), drawn in the same
     order as the official code: crop, flip, then the augmentation ops."""
 
-    def __init__(self, image_size: int, min_scale: float = 0.5, randaugment: bool = True):
+    def __init__(self, image_size: int, min_scale: float = 0.5, randaugment: bool = True, hflip: bool = True):
         if int(image_size) <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         if not 0.0 < min_scale <= 1.0:
@@ -332,6 +332,7 @@ class TrainTransform:
         self.scale = (float(min_scale), 1.0)
         self.ratio = (3.0 / 4.0, 4.0 / 3.0)
         self.randaugment = RandomAugment(2, 5, BLIP_AUGS) if randaugment else None
+        self.hflip = hflip  # off for data whose captions say left/right (the draw is still made)
 
     def __call__(self, img_or_path, generator=None):
         rng = _as_generator(generator)
@@ -341,7 +342,7 @@ class TrainTransform:
             img = img.crop((left, top, left + w, top + h))
         s = self.image_size
         img = img.resize((s, s), BICUBIC)
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 and self.hflip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.randaugment is not None:
             img = self.randaugment(img, rng)
