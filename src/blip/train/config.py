@@ -29,6 +29,7 @@ class TrainConfig:
     image_size: int | None = None          # None: the preset's
     min_scale: float = 0.2                 # RandomResizedCrop scale (0.2 pretrain, 0.5 finetune)
     randaugment: bool = True
+    hflip: bool = True                     # random horizontal flip (official); off when captions say left/right
     max_words: int = 30
     max_length: int = 30
     text_padding: str = "longest"          # or "max_length" (official; forced with negatives_all_rank)
@@ -45,6 +46,7 @@ class TrainConfig:
     warmup_steps: int = 3000
     lr_decay: float = 0.9
     weight_decay: float = 0.05
+    vision_lr_scale: float = 1.0           # lr multiplier for visual_encoder + vision_proj (1: official)
     grad_accum: int = 1
     grad_clip: float = 0.0                 # 0: none (official)
     bf16: bool = False

@@ -108,7 +108,7 @@ def build_dataset(cfg, image_size: int, rank: int = 0, world: int = 1):
         return RandomPairs(cfg.synthetic_pairs, image_size, seed=cfg.seed)
     from ..data import JsonCaptionDataset, ShardDataset
     from ..transform import TrainTransform
-    transform = TrainTransform(image_size, min_scale=cfg.min_scale, randaugment=cfg.randaugment)
+    transform = TrainTransform(image_size, min_scale=cfg.min_scale, randaugment=cfg.randaugment, hflip=cfg.hflip)
     if cfg.shards:
         return ShardDataset(cfg.shards, transform=transform, max_words=cfg.max_words, shuffle_buffer=cfg.shuffle_buffer,
                             seed=cfg.seed, rank=rank, world_size=world)

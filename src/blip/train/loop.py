@@ -104,8 +104,8 @@ class Trainer:
         if cfg.task == "pretrain" and cfg.queue_size % (cfg.batch_size * self.world):
             raise ValueError(f"queue_size {cfg.queue_size} must be a multiple of the global batch "
                              f"{cfg.batch_size * self.world}")
-        params = [p for p in self.objective.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.init_lr, weight_decay=cfg.weight_decay, foreach=True)
+        self.optimizer = torch.optim.AdamW(self._param_groups(model), lr=cfg.init_lr,
+                                           weight_decay=cfg.weight_decay, foreach=True)
         self.schedule = build_schedule(cfg.schedule, init_lr=cfg.init_lr, min_lr=cfg.min_lr, decay=cfg.lr_decay,
                                        warmup_lr=cfg.warmup_lr, warmup_steps=cfg.warmup_steps, epochs=cfg.epochs)
         self.net = self.objective
@@ -126,6 +126,16 @@ class Trainer:
         seed_all(cfg.seed + self.rank)
         if resume:
             self.load(resume)
+
+    def _param_groups(self, model: Blip) -> list[dict]:
+        """All trainable parameters; with vision_lr_scale != 1 the image tower (visual_encoder,
+        vision_proj) is a second group whose lr is the schedule's times vision_lr_scale."""
+        params = [p for p in self.objective.parameters() if p.requires_grad]
+        if self.cfg.vision_lr_scale == 1.0:
+            return [{"params": params, "lr_scale": 1.0}]
+        vision = {id(p) for m in (model.visual_encoder, model.vision_proj) for p in m.parameters()}
+        return [{"params": [p for p in params if id(p) not in vision], "lr_scale": 1.0},
+                {"params": [p for p in params if id(p) in vision], "lr_scale": self.cfg.vision_lr_scale}]
 
     def _init_weights(self, model: Blip) -> dict:
         report = {}
@@ -226,7 +236,7 @@ class Trainer:
         cfg = self.cfg
         lr = self.schedule(self.epoch, self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         for micro in range(cfg.grad_accum):
             batch = next(batches, None)
             if batch is None:
