@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     t1 = time.perf_counter()
     trainer = Trainer(cfg, out)
     summary = trainer.train()
+    if not (out / "model").exists():  # a run cut short by max_steps exports nothing by itself
+        trainer.export_model()
     minutes = (time.perf_counter() - t1) / 60
     print(f"[2/3] pretrained 'small' in {minutes:.1f} min: {summary}")
 
