@@ -280,17 +280,21 @@ def _gather_beams(tensor: torch.Tensor, beam_indices: torch.Tensor) -> torch.Ten
     return torch.take_along_dim(tensor, beam_indices, dim=1)
 
 
+def _start_beams(state: DecoderState, input_ids: torch.Tensor, cfg: GenerationConfig):
+    """Run the prompt once per item, then expand the state (and its logits) to num_beams rows each."""
+    B, K = input_ids.shape[0], cfg.num_beams
+    logits = _step(state, input_ids, B)
+    _check_vocab(cfg, logits.shape[-1])
+    state.reorder(torch.arange(B, device=logits.device).repeat_interleave(K), groups=B)
+    return logits.repeat_interleave(K, dim=0), logits.shape[-1], logits.device
+
+
 def _beam_search_generated(
     state: DecoderState, input_ids: torch.Tensor, cfg: GenerationConfig, prune: bool
 ) -> torch.Tensor:
     B, P = input_ids.shape
     K, max_length, lp = cfg.num_beams, cfg.max_length, cfg.length_penalty
-    logits = _step(state, input_ids, B)
-    V = logits.shape[-1]
-    _check_vocab(cfg, V)
-    device = logits.device
-    state.reorder(torch.arange(B, device=device).repeat_interleave(K), groups=B)
-    logits = logits.repeat_interleave(K, dim=0)
+    logits, V, device = _start_beams(state, input_ids, cfg)
 
     items = torch.arange(B, device=device)  # original index of each alive item
     running_seq = torch.full((B, K, max_length), cfg.pad_token_id, dtype=torch.long, device=device)
@@ -407,12 +411,7 @@ class _Hypotheses:
 def _beam_search_full(state: DecoderState, input_ids: torch.Tensor, cfg: GenerationConfig, prune: bool) -> torch.Tensor:
     B, P = input_ids.shape
     K, max_length, lp = cfg.num_beams, cfg.max_length, cfg.length_penalty
-    logits = _step(state, input_ids, B)
-    V = logits.shape[-1]
-    _check_vocab(cfg, V)
-    device = logits.device
-    state.reorder(torch.arange(B, device=device).repeat_interleave(K), groups=B)
-    logits = logits.repeat_interleave(K, dim=0)
+    logits, V, device = _start_beams(state, input_ids, cfg)
 
     items = torch.arange(B, device=device)
     items_cpu = list(range(B))
