@@ -72,3 +72,14 @@ def test_bf16_runs_and_stays_close(hf_dirs):
     assert torch.allclose(out["itm"], fp32.match(px[:1], ["a dog", "a cat"])["itm"], atol=0.05)
     cap = blip.load(hf_dirs["caption"][0], dtype="bf16")
     assert len(cap.caption(px, num_beams=3, max_length=10)) == 3
+
+
+def test_bf16_vision_keeps_the_text_side_fp32(hf_dirs):
+    fp32 = blip.load(hf_dirs["retrieval"][0])
+    mixed = blip.load(hf_dirs["retrieval"][0], dtype="bf16-vision")
+    assert mixed.visual_encoder.cls_token.dtype == torch.bfloat16 and mixed.text_dtype == torch.float32
+    px = torch.randn(2, 3, 32, 32)
+    assert torch.nn.functional.cosine_similarity(fp32.embed_images(px), mixed.embed_images(px)).min() > 0.99
+    assert mixed.match(px[:1], ["a dog"])["itm"].dtype == torch.float32
+    cap = blip.load(hf_dirs["caption"][0], dtype="bf16-vision")
+    assert len(cap.caption(px, num_beams=2, max_length=8)) == 2

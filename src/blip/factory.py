@@ -13,10 +13,12 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 
 def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype == "bf16-vision":
+        return None
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}, bf16-vision")
     return DTYPES[dtype]
 
 
@@ -28,6 +30,9 @@ def default_device(device=None) -> torch.device:
 
 def _place(model: Blip, device, dtype) -> Blip:
     model = model.to(default_device(device))
+    if dtype == "bf16-vision":  # the ViT (most of the compute) in bf16, the text side in fp32
+        model.visual_encoder.to(torch.bfloat16)
+        return model.eval()
     dtype = parse_dtype(dtype)
     if dtype is not None:
         model = model.to(dtype)
@@ -53,7 +58,8 @@ def load(name_or_path, task: str | None = None, config: BlipConfig | str | dict 
 
     task picks the model to build when it differs from the checkpoint's (e.g. "caption" from a
     pretrained checkpoint); config replaces the inferred architecture (a BlipConfig, a JSON path, or
-    a dict of dotted overrides such as {"vision.image_size": 480}). dtype: "fp32", "bf16", "fp16".
+    a dict of dotted overrides such as {"vision.image_size": 480}). dtype: "fp32", "bf16", "fp16", or
+    "bf16-vision" (only the image encoder, most of the compute, in bf16).
     """
     if isinstance(name_or_path, str) and name_or_path in PRESETS:
         raise CheckpointError(f"{name_or_path!r} is a preset, not a checkpoint: "

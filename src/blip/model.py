@@ -77,6 +77,14 @@ class Blip(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.visual_encoder.cls_token.dtype
 
+    @property
+    def text_dtype(self) -> torch.dtype:
+        """The text side's dtype: it may differ from the ViT's (dtype="bf16-vision")."""
+        for name in ("text_encoder", "text_decoder"):
+            if hasattr(self, name):
+                return next(getattr(self, name).parameters()).dtype
+        return self.dtype
+
     def has(self, *parts: str) -> bool:
         return all(hasattr(self, p) for p in parts)
 
@@ -99,8 +107,8 @@ class Blip(nn.Module):
     # ----------------------------------------------------------------- features
     @torch.inference_mode()
     def encode_image(self, images) -> torch.Tensor:
-        """All ViT tokens (B, 1+N, vision width)."""
-        return self.visual_encoder(self.pixels(images))
+        """All ViT tokens (B, 1+N, vision width), in the text side's dtype."""
+        return self.visual_encoder(self.pixels(images)).to(self.text_dtype)
 
     @torch.inference_mode()
     def embed_images(self, images, project: bool | None = None) -> torch.Tensor:
