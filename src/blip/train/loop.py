@@ -288,8 +288,13 @@ class JsonLog:
         self.sums: dict[str, torch.Tensor] = {}
         self.count = self.pairs = 0
         self.start = time.perf_counter()
-        self.last_loss = float("nan")
+        self.logged_loss = float("nan")
         self.rates: list[float] = []
+
+    @property
+    def last_loss(self) -> float:
+        """The running mean of the current window (the last logged one right after a write)."""
+        return float(self.sums["loss"]) / self.count if self.count and "loss" in self.sums else self.logged_loss
 
     def add(self, out: dict, pairs: int) -> None:
         for k, v in out.items():
@@ -303,7 +308,7 @@ class JsonLog:
         elapsed = time.perf_counter() - self.start
         rate = self.pairs / elapsed if elapsed > 0 else 0.0
         self.rates.append(rate)
-        self.last_loss = values.get("loss", float("nan"))
+        self.logged_loss = values.get("loss", float("nan"))
         record = {"step": trainer.global_step, "epoch": trainer.epoch, "epoch_step": trainer.step, "lr": lr,
                   **{k: round(v, 6) for k, v in values.items()}, "pairs_per_s": round(rate, 2)}
         if self.path is not None:
