@@ -220,7 +220,6 @@ class Blip(nn.Module):
             for row in ids:
                 gen = row[plen:]
                 text = self.tokenizer.decode(gen)
-                gen = gen[gen != 0].tolist()
                 out.append({"caption": text, "ids": row[row != 0].tolist()} if return_ids else text)
         return out
 
