@@ -12,7 +12,7 @@ from blip.tokenizer import DEC_ID, ENC_ID
 from blip.train import objectives as obj
 from blip.train.config import TrainConfig
 from blip.train.init_weights import load_bert_text, load_vit
-from blip.train.loop import Trainer
+from blip.train.loop import JsonLog, Trainer
 from blip.train.schedule import Cosine, StepWarmup
 
 @pytest.fixture(autouse=True)
@@ -68,6 +68,17 @@ def test_itc_loss_matches_direct_computation():
     loss0, s_i2t, s_t2i = obj.itc_loss(img, txt, img_m, txt_m, iq, tq, torch.tensor(temp), 0.0)
     labels = torch.arange(b)
     assert torch.allclose(loss0, (F.cross_entropy(s_i2t, labels) + F.cross_entropy(s_t2i, labels)) / 2, atol=1e-6)
+    # unwritten (all-zero) queue columns take no part: same as a queue holding only the written ones
+    iq_part, tq_part = iq.clone(), tq.clone()
+    iq_part[:, 2:], tq_part[:, 2:] = 0, 0
+    part = obj.itc_loss(img, txt, img_m, txt_m, iq_part, tq_part, torch.tensor(temp), alpha)
+    only = obj.itc_loss(img, txt, img_m, txt_m, iq[:, :2], tq[:, :2], torch.tensor(temp), alpha)
+    assert part[1].shape == (b, b + 2) and torch.allclose(part[0], only[0], atol=1e-6)
+    # an empty queue (size 0, or nothing written yet): in-batch negatives only
+    none = obj.itc_loss(img, txt, img_m, txt_m, iq[:, :0], tq[:, :0], torch.tensor(temp), 0.0)
+    s = img @ txt_m.T / temp
+    assert torch.allclose(none[1], s) and torch.allclose(
+        none[0], (F.cross_entropy(s, labels) + F.cross_entropy(txt @ img_m.T / temp, labels)) / 2, atol=1e-6)
 
 
 def test_alpha_ramps_over_two_epochs():
@@ -175,9 +186,12 @@ def test_momentum_update_formula_and_no_grad():
 
 
 def test_queue_enqueue_advances_and_wraps():
+    torch.manual_seed(0)
+    official = obj.MomentumTowers(blip.create_model("tiny", task="pretrain"), queue_size=8, queue_init="random")
+    assert torch.allclose(official.image_queue.norm(dim=0), torch.ones(8))
     o = tiny_objective(queue_size=8)
     q = o.momentum
-    assert torch.allclose(q.image_queue.norm(dim=0), torch.ones(8))
+    assert not q.image_queue.any() and not q.text_queue.any()  # "empty" (default): nothing written yet
     feats = [F.normalize(torch.randn(4, q.image_queue.shape[0]), dim=-1) for _ in range(3)]
     q.enqueue(feats[0], feats[0] * 2)
     assert int(q.queue_ptr) == 4 and torch.equal(q.image_queue[:, :4], feats[0].T)
@@ -318,7 +332,7 @@ def final_params(trainer):
 
 
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
-    o = tiny_objective(seed=1)
+    o = tiny_objective(seed=1, queue_size=0)  # a fixed batch in the queue would be its own negatives
     o.train()
     batch = tiny_batch(o.model)
     opt = torch.optim.AdamW([p for p in o.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.05, foreach=True)
@@ -445,3 +459,18 @@ def test_data_position_and_per_sample_seeds_survive_workers_and_skips():
     assert len(ranks[0]) == len(ranks[1]) == 3
     shards = [set(loader.sampler) for loader in ranks]
     assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 24
+
+
+def test_lr_scales_put_matching_parameters_in_their_own_group(tmp_path):
+    cfg = TrainConfig.load(None, TINY + ['lr_scales={"^visual_encoder\\\\.": 5, "proj": 2}'])
+    tr = Trainer(cfg, tmp_path)
+    groups = {g["lr_scale"]: g for g in tr.optimizer.param_groups}
+    assert sorted(groups) == [1.0, 2.0, 5.0]
+    names = {id(p): n for n, p in tr.model.named_parameters()}
+    assert {names[id(p)].split(".")[0] for p in groups[5.0]["params"]} == {"visual_encoder"}
+    assert {names[id(p)] for p in groups[2.0]["params"]} == {
+        n for n, p in tr.model.named_parameters() if "proj" in n and not n.startswith("visual_encoder.")}
+    assert sum(len(g["params"]) for g in tr.optimizer.param_groups) == \
+        sum(p.requires_grad for p in tr.objective.parameters())
+    tr.train_step(tr._batches(), JsonLog(None, tr.device))
+    assert groups[5.0]["lr"] == pytest.approx(5 * groups[1.0]["lr"]) and groups[1.0]["lr"] > 0

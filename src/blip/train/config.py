@@ -46,12 +46,15 @@ class TrainConfig:
     warmup_steps: int = 3000
     lr_decay: float = 0.9
     weight_decay: float = 0.05
-    vision_lr_scale: float = 1.0           # lr multiplier for visual_encoder + vision_proj (1: official)
+    lr_scales: dict = field(default_factory=dict)  # {regex: lr multiplier}: first re.search match on a
+    #                                        parameter name (official layout, e.g. "visual_encoder.blocks.0...");
+    #                                        unmatched parameters: 1. Empty: one group (official)
     grad_accum: int = 1
     grad_clip: float = 0.0                 # 0: none (official)
     bf16: bool = False
     # objective
     queue_size: int = 57600
+    queue_init: str = "empty"              # "empty": unwritten slots left out; "random": official unit vectors
     alpha: float = 0.4
     alpha_ramp_epochs: float = 2
     momentum: float = 0.995

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def build_objective(cfg: TrainConfig, model: Blip) -> torch.nn.Module:
     if cfg.task == "pretrain":
         return PretrainObjective(model, queue_size=cfg.queue_size, momentum=cfg.momentum, alpha=cfg.alpha,
                                  alpha_ramp_epochs=cfg.alpha_ramp_epochs, negatives_all_rank=cfg.negatives_all_rank,
-                                 label_smoothing=cfg.label_smoothing)
+                                 label_smoothing=cfg.label_smoothing, queue_init=cfg.queue_init)
     raise ValueError(f"no objective for task {cfg.task!r}")
 
 
@@ -128,14 +129,18 @@ class Trainer:
             self.load(resume)
 
     def _param_groups(self, model: Blip) -> list[dict]:
-        """All trainable parameters; with vision_lr_scale != 1 the image tower (visual_encoder,
-        vision_proj) is a second group whose lr is the schedule's times vision_lr_scale."""
-        params = [p for p in self.objective.parameters() if p.requires_grad]
-        if self.cfg.vision_lr_scale == 1.0:
-            return [{"params": params, "lr_scale": 1.0}]
-        vision = {id(p) for m in (model.visual_encoder, model.vision_proj) for p in m.parameters()}
-        return [{"params": [p for p in params if id(p) not in vision], "lr_scale": 1.0},
-                {"params": [p for p in params if id(p) in vision], "lr_scale": self.cfg.vision_lr_scale}]
+        """All trainable parameters, one AdamW group per lr multiplier: a parameter takes the scale of
+        the first `cfg.lr_scales` pattern found (re.search) in its name (official layout, e.g.
+        `visual_encoder.blocks.0.attn.qkv.weight`), else 1. The schedule's lr times the scale is set
+        on the group every step."""
+        groups: dict[float, list] = {}
+        patterns = [(re.compile(k), float(v)) for k, v in self.cfg.lr_scales.items()]
+        for name, p in self.objective.named_parameters():
+            if p.requires_grad:
+                name = _flat(name)
+                scale = next((v for rx, v in patterns if rx.search(name)), 1.0)
+                groups.setdefault(scale, []).append(p)
+        return [{"params": ps, "lr_scale": scale} for scale, ps in sorted(groups.items())]
 
     def _init_weights(self, model: Blip) -> dict:
         report = {}

@@ -58,8 +58,10 @@ class MomentumTowers(nn.Module):
 
     NAMES = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
 
-    def __init__(self, model: nn.Module, momentum: float = 0.995, queue_size: int = 57600):
+    def __init__(self, model: nn.Module, momentum: float = 0.995, queue_size: int = 57600, queue_init: str = "empty"):
         super().__init__()
+        if queue_init not in ("empty", "random"):
+            raise ValueError(f"queue_init must be 'empty' or 'random', not {queue_init!r}")
         self.momentum = momentum
         for name in self.NAMES:
             tower = copy.deepcopy(getattr(model, name))
@@ -68,8 +70,13 @@ class MomentumTowers(nn.Module):
         for block in self.visual_encoder_m.blocks:  # the official copy has no grad checkpointing
             block.use_checkpoint = False
         dim = model.vision_proj.out_features
-        self.register_buffer("image_queue", F.normalize(torch.randn(dim, queue_size), dim=0))
-        self.register_buffer("text_queue", F.normalize(torch.randn(dim, queue_size), dim=0))
+        # "random": the official unit vectors. "empty": zero columns, left out of the loss until written
+        # (random negatives pull every feature towards the other modality's mean; from scratch that
+        # collapses both towers before the queue holds real features)
+        make = (lambda: F.normalize(torch.randn(dim, queue_size), dim=0)) if queue_init == "random" else \
+            (lambda: torch.zeros(dim, queue_size))
+        self.register_buffer("image_queue", make())
+        self.register_buffer("text_queue", make())
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     def pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -95,9 +102,13 @@ class MomentumTowers(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
-        """Write the features of every rank (rank order) at the pointer, then advance it."""
+        """Write the features of every rank (rank order) at the pointer, then advance it.
+        A queue of size 0 (in-batch negatives only) keeps nothing."""
+        size = self.image_queue.shape[1]
+        if size == 0:
+            return
         image_feat, text_feat = dist.gather(image_feat), dist.gather(text_feat)
-        n, size = image_feat.shape[0], self.image_queue.shape[1]
+        n = image_feat.shape[0]
         assert size % n == 0, f"queue size {size} is not a multiple of the global batch {n}"
         ptr = int(self.queue_ptr)
         self.image_queue[:, ptr:ptr + n] = image_feat.T.to(self.image_queue.dtype)
@@ -120,7 +131,11 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha):
     """Contrastive loss against [momentum batch ; queue] with distilled targets
     alpha * softmax(momentum sims) + (1 - alpha) * one-hot(diagonal).
-    Features (B, D) normalised, queues (D, Q). Returns (loss, sim_i2t, sim_t2i), sims (B, B + Q)."""
+    Features (B, D) normalised, queues (D, Q); all-zero queue columns (not written yet) are left out.
+    Returns (loss, sim_i2t, sim_t2i), sims (B, B + written queue columns)."""
+    written = image_queue.any(0)
+    if not bool(written.all()):
+        image_queue, text_queue = image_queue[:, written], text_queue[:, written]
     image_all = torch.cat([image_feat_m.T, image_queue], dim=1)
     text_all = torch.cat([text_feat_m.T, text_queue], dim=1)
     with torch.no_grad():
@@ -175,12 +190,13 @@ class PretrainObjective(nn.Module):
     """loss = ITC + ITM + LM over a batch {"image", "input_ids", "attention_mask"} ([CLS] first)."""
 
     def __init__(self, model: nn.Module, queue_size: int = 57600, momentum: float = 0.995, alpha: float = 0.4,
-                 alpha_ramp_epochs: float = 2, negatives_all_rank: bool = False, label_smoothing: float = 0.1):
+                 alpha_ramp_epochs: float = 2, negatives_all_rank: bool = False, label_smoothing: float = 0.1,
+                 queue_init: str = "empty"):
         super().__init__()
         self.model = model
         if model.text_decoder.bert.embeddings is not model.text_encoder.embeddings:
             tie_text_towers(model)
-        self.momentum = MomentumTowers(model, momentum, queue_size)
+        self.momentum = MomentumTowers(model, momentum, queue_size, queue_init)
         self.alpha, self.alpha_ramp_epochs = alpha, alpha_ramp_epochs
         self.negatives_all_rank = negatives_all_rank
         self.label_smoothing = label_smoothing
