@@ -36,7 +36,7 @@ preset, overrides, batch, bf16, steps = sys.argv[1], json.loads(sys.argv[2]), in
 torch.manual_seed(0)
 model = blip.create_model(preset, task="pretrain", **overrides)
 model.train()
-objective = PretrainObjective(model, queue_size=batch * 8)
+objective = PretrainObjective(model, queue_size=batch * 8, queue_init="random")  # a full queue, as the official code
 opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
 s = model.config.vision.image_size
 ids = torch.randint(1000, 20000, (batch, 30)); ids[:, 0] = 101; ids[:, -1] = 102

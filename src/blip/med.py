@@ -58,12 +58,22 @@ class AttentionProjections(nn.Module):
         return _heads(self.key(states), self.heads), _heads(self.value(states), self.heads)
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout whose CPU mask comes from torch.rand: half the time of bernoulli_, which was 18% of a
+    small bf16 pretraining step on CPU."""
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+            return super().forward(x)
+        return x.masked_fill(torch.rand(x.shape) < self.p, 0) * (1.0 / (1.0 - self.p))
+
+
 class AttentionOutput(nn.Module):
     def __init__(self, cfg: TextConfig, in_width: int | None = None):
         super().__init__()
         self.dense = nn.Linear(in_width or cfg.width, cfg.width)
         self.LayerNorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x, residual):
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
@@ -125,7 +135,7 @@ class Embeddings(nn.Module):
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.width, padding_idx=0)
         self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.width)
         self.LayerNorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, input_ids, offset: int = 0):
         t = input_ids.shape[1]
