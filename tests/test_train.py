@@ -474,3 +474,20 @@ def test_lr_scales_put_matching_parameters_in_their_own_group(tmp_path):
         sum(p.requires_grad for p in tr.objective.parameters())
     tr.train_step(tr._batches(), JsonLog(None, tr.device))
     assert groups[5.0]["lr"] == pytest.approx(5 * groups[1.0]["lr"]) and groups[1.0]["lr"] > 0
+
+
+def test_cpu_dropout_drops_at_rate_p_scales_the_rest_and_is_identity_in_eval():
+    from blip.med import Dropout
+    d = Dropout(0.1)
+    torch.manual_seed(0)
+    x = torch.ones(200, 500, requires_grad=True)
+    y = d(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.005
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, y == 0)  # no gradient through dropped units
+    torch.manual_seed(0)
+    assert torch.equal(d(x), y)  # the mask follows the torch seed (exact resume, activation checkpointing)
+    d.eval()
+    assert d(x) is x
