@@ -68,12 +68,6 @@ def test_itc_loss_matches_direct_computation():
     loss0, s_i2t, s_t2i = obj.itc_loss(img, txt, img_m, txt_m, iq, tq, torch.tensor(temp), 0.0)
     labels = torch.arange(b)
     assert torch.allclose(loss0, (F.cross_entropy(s_i2t, labels) + F.cross_entropy(s_t2i, labels)) / 2, atol=1e-6)
-    # unwritten (all-zero) queue columns take no part: same as a queue holding only the written ones
-    iq_part, tq_part = iq.clone(), tq.clone()
-    iq_part[:, 2:], tq_part[:, 2:] = 0, 0
-    part = obj.itc_loss(img, txt, img_m, txt_m, iq_part, tq_part, torch.tensor(temp), alpha)
-    only = obj.itc_loss(img, txt, img_m, txt_m, iq[:, :2], tq[:, :2], torch.tensor(temp), alpha)
-    assert part[1].shape == (b, b + 2) and torch.allclose(part[0], only[0], atol=1e-6)
     # an empty queue (size 0, or nothing written yet): in-batch negatives only
     none = obj.itc_loss(img, txt, img_m, txt_m, iq[:, :0], tq[:, :0], torch.tensor(temp), 0.0)
     s = img @ txt_m.T / temp
@@ -192,11 +186,15 @@ def test_queue_enqueue_advances_and_wraps():
     o = tiny_objective(queue_size=8)
     q = o.momentum
     assert not q.image_queue.any() and not q.text_queue.any()  # "empty" (default): nothing written yet
+    assert q.queues()[0].shape == (q.image_queue.shape[0], 0)
     feats = [F.normalize(torch.randn(4, q.image_queue.shape[0]), dim=-1) for _ in range(3)]
     q.enqueue(feats[0], feats[0] * 2)
     assert int(q.queue_ptr) == 4 and torch.equal(q.image_queue[:, :4], feats[0].T)
+    written = q.queues()  # only the written columns take part in the loss
+    assert torch.equal(written[0], feats[0].T) and torch.equal(written[1], feats[0].T * 2)
     q.enqueue(feats[1], feats[1])
     assert int(q.queue_ptr) == 0 and torch.equal(q.image_queue[:, 4:], feats[1].T)
+    assert q.queues()[0] is q.image_queue and q._full  # full: the whole buffer, no more scans
     q.enqueue(feats[2], feats[2])
     assert int(q.queue_ptr) == 4 and torch.equal(q.text_queue[:, :4], feats[2].T)
     assert torch.equal(q.text_queue[:, 4:], feats[1].T)

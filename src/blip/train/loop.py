@@ -105,7 +105,7 @@ class Trainer:
         if cfg.task == "pretrain" and cfg.queue_size % (cfg.batch_size * self.world):
             raise ValueError(f"queue_size {cfg.queue_size} must be a multiple of the global batch "
                              f"{cfg.batch_size * self.world}")
-        self.optimizer = torch.optim.AdamW(self._param_groups(model), lr=cfg.init_lr,
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.init_lr,
                                            weight_decay=cfg.weight_decay, foreach=True)
         self.schedule = build_schedule(cfg.schedule, init_lr=cfg.init_lr, min_lr=cfg.min_lr, decay=cfg.lr_decay,
                                        warmup_lr=cfg.warmup_lr, warmup_steps=cfg.warmup_steps, epochs=cfg.epochs)
@@ -128,7 +128,7 @@ class Trainer:
         if resume:
             self.load(resume)
 
-    def _param_groups(self, model: Blip) -> list[dict]:
+    def _param_groups(self) -> list[dict]:
         """All trainable parameters, one AdamW group per lr multiplier: a parameter takes the scale of
         the first `cfg.lr_scales` pattern found (re.search) in its name (official layout, e.g.
         `visual_encoder.blocks.0.attn.qkv.weight`), else 1. The schedule's lr times the scale is set

@@ -73,11 +73,11 @@ class MomentumTowers(nn.Module):
         # "random": the official unit vectors. "empty": zero columns, left out of the loss until written
         # (random negatives pull every feature towards the other modality's mean; from scratch that
         # collapses both towers before the queue holds real features)
-        make = (lambda: F.normalize(torch.randn(dim, queue_size), dim=0)) if queue_init == "random" else \
-            (lambda: torch.zeros(dim, queue_size))
-        self.register_buffer("image_queue", make())
-        self.register_buffer("text_queue", make())
+        for name in ("image_queue", "text_queue"):
+            queue = torch.zeros(dim, queue_size)
+            self.register_buffer(name, F.normalize(queue.normal_(), dim=0) if queue_init == "random" else queue)
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self._full = False  # every column written: set on the first check that finds it so (also after a resume)
 
     def pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         online, ema = [], []
@@ -99,6 +99,16 @@ class MomentumTowers(nn.Module):
         image = self.vision_proj_m(self.visual_encoder_m(images)[:, 0])
         text = self.text_proj_m(self.text_encoder_m(ids, mask, mode="text")[:, 0])
         return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+
+    def queues(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The written columns of the two queues, (D, Q'): all of them once the queue has filled; before
+        that, the non-zero ones (an "empty" queue starts as zeros)."""
+        if not self._full:
+            written = self.image_queue.any(0)
+            if not bool(written.all()):
+                return self.image_queue[:, written], self.text_queue[:, written]
+            self._full = True
+        return self.image_queue, self.text_queue
 
     @torch.no_grad()
     def enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
@@ -131,11 +141,7 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha):
     """Contrastive loss against [momentum batch ; queue] with distilled targets
     alpha * softmax(momentum sims) + (1 - alpha) * one-hot(diagonal).
-    Features (B, D) normalised, queues (D, Q); all-zero queue columns (not written yet) are left out.
-    Returns (loss, sim_i2t, sim_t2i), sims (B, B + written queue columns)."""
-    written = image_queue.any(0)
-    if not bool(written.all()):
-        image_queue, text_queue = image_queue[:, written], text_queue[:, written]
+    Features (B, D) normalised, queues (D, Q) (Q may be 0). Returns (loss, sim_i2t, sim_t2i), sims (B, B + Q)."""
     image_all = torch.cat([image_feat_m.T, image_queue], dim=1)
     text_all = torch.cat([text_feat_m.T, text_queue], dim=1)
     with torch.no_grad():
@@ -216,7 +222,7 @@ class PretrainObjective(nn.Module):
             image_feat_m, text_feat_m = self.momentum.features(images, ids, mask)
         with torch.autocast(images.device.type, enabled=False):
             loss_ita, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m,
-                                                  self.momentum.image_queue, self.momentum.text_queue, m.temp, alpha)
+                                                  *self.momentum.queues(), m.temp, alpha)
         kv = m.text_encoder.cross_kv(image_embeds)  # one K/V per image for every cross-attention pass
         loss_itm = self.itm(image_embeds, image_feat, text_feat, ids, mask, sim_i2t, sim_t2i, kv)
         loss_lm = self.lm(ids, mask, image_embeds, kv)
