@@ -21,14 +21,12 @@ def main() -> None:
         cap["targets"].update(extra["targets"])
     if cap:
         for mode, t in cap["targets"].items():
-            if mode == "bf16_vision_beam3":
-                rows.append(f"| captioning beam-3, ours bf16-vision vs transformers fp32 | {t['ours_bf16_vision_images_per_s']:.2f} img/s | | "
-                            f"{t['end_to_end_ratio_vs_transformers_fp32']:.2f}x | >= 3.5x |")
-                continue
             if mode.startswith("bf16"):
-                rows.append(f"| captioning beam-3, ours bf16 vs transformers fp32 | {t['ours_bf16_images_per_s']:.2f} img/s | | "
+                dt = t.get("dtype", "bf16-full" if mode == "bf16_beam3" else "bf16")  # older result files
+                rows.append(f"| captioning beam-3, ours {dt} vs transformers fp32 | {t.get('ours_images_per_s', 0):.2f} img/s | | "
                             f"{t['end_to_end_ratio_vs_transformers_fp32']:.2f}x | >= 3.5x |")
-                rows.append(f"| bf16 image embedding cosine to fp32 (min) | {t['image_embedding_min_cosine_to_fp32']:.5f} | | | >= 0.999 |")
+                if "image_embedding_min_cosine_to_fp32" in t:
+                    rows.append(f"| {dt} image embedding cosine to fp32 (min) | {t['image_embedding_min_cosine_to_fp32']:.5f} | | | >= 0.999 |")
                 continue
             rows.append(f"| captioning {mode}, end to end (tokens identical: {t['tokens_identical']}) | "
                         f"{t['ours_images_per_s']:.2f} img/s | {t['transformers_images_per_s']:.2f} img/s | "
@@ -38,7 +36,7 @@ def main() -> None:
                             f"{t['transformers_decoding_s']:.2f} s | {t['decoding_ratio']:.2f}x | >= 4x |")
     bq = load("bf16_quality")
     if bq:
-        for dt in ("bf16", "bf16-vision"):
+        for dt in ("bf16", "bf16-full", "bf16-vision"):
             if dt in bq:
                 rows.append(f"| captions identical to fp32, {dt} (trained synthetic model, {bq['images']} images) | "
                             f"{bq[dt]['identical_captions_pct']:.1f}% | | | >= 95% |")

@@ -26,30 +26,32 @@ def model(hf_dirs):
     return blip.load(hf_dirs["caption"][0])
 
 
+@pytest.mark.parametrize("absorb", [False, True])
 @pytest.mark.parametrize("cfg", [
     dict(num_beams=1), dict(num_beams=3), dict(num_beams=4, repetition_penalty=1.3),
     dict(num_beams=3, length_normalization="generated"), dict(do_sample=True, top_p=0.9, repetition_penalty=1.1)])
-def test_cached_generation_equals_plain_recompute(model, cfg):
+def test_cached_generation_equals_plain_recompute(model, cfg, absorb):
     torch.manual_seed(0)
     with torch.inference_mode():
         states = model.visual_encoder(torch.randn(5, 3, 32, 32))
         prompt = model.prompt_ids("a picture of ", 5)
         gc = GenerationConfig(max_length=14, min_length=6, **cfg)
         torch.manual_seed(1)
-        fast = generate(model.text_decoder.start(states), prompt, gc)
+        fast = generate(model.text_decoder.start(states, absorb=absorb), prompt, gc)
         torch.manual_seed(1)
         plain = generate(PlainState(model.text_decoder, states), prompt, gc, prune=False)
     assert torch.equal(fast, plain)
     assert (fast == 102).any()  # some captions end before max_length: the finishing paths ran
 
 
-def test_kv_cache_grows_and_reorders(model):
+@pytest.mark.parametrize("absorb", [False, True])
+def test_kv_cache_grows_and_reorders(model, absorb):
     """Longer than the initial buffer capacity, with rows duplicated and permuted on the way."""
     torch.manual_seed(2)
     with torch.inference_mode():
         states = model.visual_encoder(torch.randn(2, 3, 32, 32))
         ids = torch.randint(1000, 3000, (2, 40))
-        state = model.text_decoder.start(states)
+        state = model.text_decoder.start(states, absorb=absorb)
         state(ids[:, :1])
         state.reorder(torch.tensor([0, 0, 1, 1]), groups=2)
         rows = ids.repeat_interleave(2, 0)
@@ -61,25 +63,56 @@ def test_kv_cache_grows_and_reorders(model):
     assert torch.allclose(last, full[[1, 0, 3, 2], 39], atol=1e-4)
 
 
-def test_bf16_runs_and_stays_close(hf_dirs):
+def test_absorbed_cross_attention_equals_projected(model):
+    """Grouped rows (3 per image), several query tokens, and masked image/question positions."""
+    torch.manual_seed(3)
+    proj = model.text_decoder.bert.layers[0].crossattention.self
+    states = torch.randn(2, 7, proj.key.in_features)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    x = torch.randn(6, 4, proj.query.in_features)
+    with torch.inference_mode():
+        k, v = proj.kv(states)
+        q = proj.query(x).view(6, 4, proj.heads, -1).transpose(1, 2)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(3, 0), v.repeat_interleave(3, 0),
+            attn_mask=mask.bool().repeat_interleave(3, 0)[:, None, None])
+        ref = ref.transpose(1, 2).reshape(6, 4, -1)
+        got = proj.absorbed(x, states, mask.bool()[:, None, None])
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_absorb_pays_for_few_decoded_rows(model):
+    head_dim = model.config.text.width // model.config.text.heads
+    assert model.text_decoder.absorb_pays(1, head_dim) and not model.text_decoder.absorb_pays(2, head_dim)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "bf16-full"])
+def test_bf16_runs_and_stays_close(hf_dirs, dtype):
     fp32 = blip.load(hf_dirs["retrieval"][0])
-    bf16 = blip.load(hf_dirs["retrieval"][0], dtype="bf16")
+    bf16 = blip.load(hf_dirs["retrieval"][0], dtype=dtype)
     assert bf16.dtype == torch.bfloat16
     px = torch.randn(3, 3, 32, 32)
     a, b = fp32.embed_images(px), bf16.embed_images(px)
     assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
     out = bf16.match(px[:1], ["a dog", "a cat"])
     assert torch.allclose(out["itm"], fp32.match(px[:1], ["a dog", "a cat"])["itm"], atol=0.05)
-    cap = blip.load(hf_dirs["caption"][0], dtype="bf16")
+    cap = blip.load(hf_dirs["caption"][0], dtype=dtype)
     assert len(cap.caption(px, num_beams=3, max_length=10)) == 3
 
 
-def test_bf16_vision_keeps_the_text_side_fp32(hf_dirs):
+def test_bf16_policy_keeps_the_text_side_fp32(hf_dirs):
+    """"bf16" (and its old name "bf16-vision"): ViT in bf16, text fp32; "bf16-full": every weight."""
     fp32 = blip.load(hf_dirs["retrieval"][0])
-    mixed = blip.load(hf_dirs["retrieval"][0], dtype="bf16-vision")
-    assert mixed.visual_encoder.cls_token.dtype == torch.bfloat16 and mixed.text_dtype == torch.float32
     px = torch.randn(2, 3, 32, 32)
-    assert torch.nn.functional.cosine_similarity(fp32.embed_images(px), mixed.embed_images(px)).min() > 0.99
-    assert mixed.match(px[:1], ["a dog"])["itm"].dtype == torch.float32
-    cap = blip.load(hf_dirs["caption"][0], dtype="bf16-vision")
-    assert len(cap.caption(px, num_beams=2, max_length=8)) == 2
+    for name in ("bf16", "bf16-vision"):
+        mixed = blip.load(hf_dirs["retrieval"][0], dtype=name)
+        assert mixed.visual_encoder.cls_token.dtype == torch.bfloat16 and mixed.text_dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(fp32.embed_images(px), mixed.embed_images(px)).min() > 0.99
+        assert mixed.match(px[:1], ["a dog"])["itm"].dtype == torch.float32
+    full = blip.load(hf_dirs["retrieval"][0], dtype="bf16-full")
+    assert {p.dtype for p in full.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in blip.load(hf_dirs["retrieval"][0], dtype=torch.bfloat16).parameters()} == {torch.bfloat16}
+    cap = blip.load(hf_dirs["caption"][0], dtype="bf16")
+    assert cap.text_dtype == torch.float32 and cap.generate_ids(px, num_beams=2, max_length=8)[0].shape[0] == 2
+    with pytest.raises(ValueError, match="unknown dtype"):
+        blip.load(hf_dirs["retrieval"][0], dtype="bf17")

@@ -79,7 +79,7 @@ class Blip(nn.Module):
 
     @property
     def text_dtype(self) -> torch.dtype:
-        """The text side's dtype: it may differ from the ViT's (dtype="bf16-vision")."""
+        """The text side's dtype: it may differ from the ViT's (dtype="bf16")."""
         for name in ("text_encoder", "text_decoder"):
             if hasattr(self, name):
                 return next(getattr(self, name).parameters()).dtype
@@ -204,7 +204,8 @@ class Blip(nn.Module):
         cfg = GenerationConfig(num_beams=1 if sample else num_beams, max_length=max_length, min_length=min_length,
                                do_sample=sample, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                                length_normalization=length_normalization, eos_token_id=SEP_ID, pad_token_id=0)
-        ids = generate(self.text_decoder.start(image_states), input_ids, cfg, generator=generator)
+        absorb = self.text_decoder.absorb_pays(cfg.num_beams, max_length - input_ids.shape[1])
+        ids = generate(self.text_decoder.start(image_states, absorb=absorb), input_ids, cfg, generator=generator)
         return ids, input_ids.shape[1]
 
     def caption(self, images, *, batch_size: int = 16, return_ids: bool = False, progress: bool = False, **kwargs):
@@ -249,7 +250,8 @@ class Blip(nn.Module):
         cfg = GenerationConfig(num_beams=num_beams, max_length=max_length, min_length=min_length,
                                length_normalization=length_normalization, eos_token_id=SEP_ID, pad_token_id=0)
         bos = torch.full((states.shape[0], 1), DEC_ID, dtype=torch.long, device=self.device)
-        ids = generate(self.text_decoder.start(states, mask), bos, cfg)
+        absorb = self.text_decoder.absorb_pays(num_beams, max_length - 1)
+        ids = generate(self.text_decoder.start(states, mask, absorb=absorb), bos, cfg)
         return [self.tokenizer.decode(row[1:]) for row in ids]
 
     def _rank_answers(self, states, mask, answer_list, k_test):
