@@ -118,6 +118,24 @@ def test_itm_loss_is_cross_entropy_with_positive_then_negative_labels():
     assert torch.allclose(obj.itm_loss(pos, neg), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_lm_loss_equals_cross_entropy_in_value_and_gradient(dtype):
+    torch.manual_seed(0)
+    logits = torch.randn(70, 53).mul(3).to(dtype).requires_grad_()
+    targets = torch.randint(0, 53, (70,))
+    targets[::7] = -100
+    loss = obj.lm_loss(logits, targets, 0.1, chunk=16)  # several chunks, the last one short
+    loss.backward()
+    ref_in = logits.detach().float().requires_grad_()
+    ref = F.cross_entropy(ref_in, targets, ignore_index=-100, label_smoothing=0.1)
+    ref.backward()
+    assert torch.allclose(loss, ref, atol=1e-5)
+    assert logits.grad.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    assert torch.allclose(logits.grad.float(), ref_in.grad, atol=tol)
+    assert obj.lm_loss(logits, torch.full((70,), -100)).item() == 0.0
+
+
 def test_lm_loss_smooths_labels_and_ignores_pads():
     torch.manual_seed(0)
     v, eps = 11, 0.1

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import attention, dropout
 from .config import TextConfig
 
 
@@ -36,10 +37,10 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     r, h, t, d = q.shape
     g = k.shape[0]
     if r == g:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return attention(q, k, v, mask, dropout)
     per = r // g
     q = q.view(g, per, h, t, d).transpose(1, 2).reshape(g, h, per * t, d)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    out = attention(q, k, v, mask, dropout)
     return out.view(g, h, per, t, d).transpose(1, 2).reshape(r, h, t, d)
 
 
@@ -86,7 +87,7 @@ class Dropout(nn.Dropout):
     def forward(self, x):
         if not self.training or self.p == 0.0 or x.device.type != "cpu":
             return super().forward(x)
-        return x.masked_fill(torch.rand(x.shape) < self.p, 0) * (1.0 / (1.0 - self.p))
+        return dropout(x, self.p)
 
 
 class AttentionOutput(nn.Module):
@@ -136,9 +137,9 @@ class Layer(nn.Module):
         if cache is not None:
             k, v = cache.append(index, k, v)
         if causal and self_mask is None and q.shape[2] == k.shape[2]:
-            a = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+            a = attention(q, k, v, dropout_p=drop, causal=True)
         else:
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask, dropout_p=drop)
+            a = attention(q, k, v, self_mask, drop)
         x = self.attention.output(_merge(a), x)
         if cross_kv is not None:
             cproj = self.crossattention.self

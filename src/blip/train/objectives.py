@@ -185,10 +185,54 @@ def shifted_targets(ids: torch.Tensor, mask: torch.Tensor, prompt_length: int = 
     return targets
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
+class _SmoothedCrossEntropy(torch.autograd.Function):
+    """Mean label-smoothed cross-entropy over (N, V) logits, in row chunks that stay in cache.
+
+    Equal to F.cross_entropy(logits.float(), targets, label_smoothing=eps): per row
+    lse - (1 - eps) * x[target] - eps * mean(x). The gradient (softmax - (1 - eps) onehot - eps / V)
+    is written straight in the logits' dtype. The unfused version (cast to fp32, log_softmax, its
+    backward, zero-filled buffers, cast back) moved the (N, 30524) logits through memory ~8 times and
+    was ~20% of a bf16 pretraining step at the official-measured small shape."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, eps: float, chunk: int):
+        n = logits.shape[0]
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for i in range(0, n, chunk):
+            x = logits[i:i + chunk].float()
+            lse[i:i + chunk] = torch.logsumexp(x, -1)
+            picked = x.gather(1, targets[i:i + chunk, None])[:, 0]
+            total += (lse[i:i + chunk] - (1 - eps) * picked - eps * x.mean(-1)).sum()
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.eps, ctx.chunk = eps, chunk
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets, lse = ctx.saved_tensors
+        eps, chunk = ctx.eps, ctx.chunk
+        n, v = logits.shape
+        scale = grad_out.float() / n
+        grad = torch.empty_like(logits)
+        for i in range(0, n, chunk):
+            p = (logits[i:i + chunk].float() - lse[i:i + chunk, None]).exp_().sub_(eps / v)
+            p.scatter_add_(1, targets[i:i + chunk, None],
+                           torch.full((p.shape[0], 1), -(1 - eps), dtype=p.dtype, device=p.device))
+            grad[i:i + chunk] = p.mul_(scale)
+        return grad, None, None, None
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.1,
+            chunk: int = 32) -> torch.Tensor:
     """Mean label-smoothed CE over the targets that are not -100; logits (..., V), targets (...)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=-100, label_smoothing=label_smoothing)
+    logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    keep = targets != -100
+    if not bool(keep.all()):
+        logits, targets = logits[keep], targets[keep]
+    if targets.numel() == 0:
+        return logits.sum().float() * 0.0
+    return _SmoothedCrossEntropy.apply(logits, targets, float(label_smoothing), chunk)
 
 
 # ------------------------------------------------------------------------------ the objective
