@@ -116,3 +116,17 @@ def test_bf16_policy_keeps_the_text_side_fp32(hf_dirs):
     assert cap.text_dtype == torch.float32 and cap.generate_ids(px, num_beams=2, max_length=8)[0].shape[0] == 2
     with pytest.raises(ValueError, match="unknown dtype"):
         blip.load(hf_dirs["retrieval"][0], dtype="bf17")
+
+
+def test_vit_inference_path_equals_autograd_path_and_leaves_inputs_alone(model):
+    """Without autograd the ViT runs GELU and the residual adds in place and feeds SDPA contiguous
+    q/k/v; with autograd it takes the plain path (and the explicit attention on CPU)."""
+    torch.manual_seed(4)
+    px = torch.randn(2, 3, 32, 32)
+    keep = px.clone()
+    with torch.inference_mode():
+        fast = model.visual_encoder(px)
+    with torch.enable_grad():
+        plain = model.visual_encoder(px.clone().requires_grad_())
+    assert torch.equal(px, keep)
+    assert torch.allclose(fast, plain.detach(), atol=1e-5)

@@ -67,6 +67,8 @@ class Attention(nn.Module):
     def forward(self, x):
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if not torch.is_grad_enabled():  # CPU flash attention: 58 ms on contiguous inputs vs 68 on these views
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         x = attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(b, n, d))
 
@@ -78,7 +80,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        h = self.fc1(x)
+        # Without autograd, GELU in place: 6 ms instead of 24 ms at ViT-B/384 x 8 images on CPU, where a
+        # fresh 57 MB output costs more in page faults than the erf itself.
+        return self.fc2(F.gelu(h) if torch.is_grad_enabled() else torch.ops.aten.gelu_(h))
 
 
 class Block(nn.Module):
@@ -92,6 +97,9 @@ class Block(nn.Module):
         self.use_checkpoint = use_checkpoint
 
     def _forward(self, x):
+        if not torch.is_grad_enabled():  # residual adds into the fresh branch outputs (no new buffers)
+            x = self.drop_path(self.attn(self.norm1(x))).add_(x)
+            return self.drop_path(self.mlp(self.norm2(x))).add_(x)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
