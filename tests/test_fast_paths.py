@@ -4,6 +4,7 @@ import torch
 
 import blip
 from blip.generation import GenerationConfig, generate
+from blip.med import RawStates
 
 
 class PlainState:
@@ -77,7 +78,7 @@ def test_absorbed_cross_attention_equals_projected(model):
             q, k.repeat_interleave(3, 0), v.repeat_interleave(3, 0),
             attn_mask=mask.bool().repeat_interleave(3, 0)[:, None, None])
         ref = ref.transpose(1, 2).reshape(6, 4, -1)
-        got = proj.absorbed(x, states, mask.bool()[:, None, None])
+        got = proj.absorbed(x, RawStates.of(states), mask.bool()[:, None, None])
     assert torch.allclose(got, ref, atol=1e-5)
 
 
