@@ -96,8 +96,8 @@ class AttentionProjections(nn.Module):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout whose CPU mask comes from torch.rand: half the time of bernoulli_, which was 18% of a
-    small bf16 pretraining step on CPU."""
+    """nn.Dropout with `blip.attention.dropout`'s cheaper CPU mask (bernoulli_ was 18% of a small bf16
+    pretraining step on CPU)."""
 
     def forward(self, x):
         if not self.training or self.p == 0.0 or x.device.type != "cpu":

@@ -224,14 +224,17 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.1,
-            chunk: int = 32) -> torch.Tensor:
-    """Mean label-smoothed CE over the targets that are not -100; logits (..., V), targets (...)."""
+            chunk: int | None = None) -> torch.Tensor:
+    """Mean label-smoothed CE over the targets that are not -100; logits (..., V), targets (...).
+    chunk: rows per block (default 32 on CPU, where a block stays in cache; 4096 elsewhere)."""
     logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
     keep = targets != -100
     if not bool(keep.all()):
         logits, targets = logits[keep], targets[keep]
     if targets.numel() == 0:
         return logits.sum().float() * 0.0
+    if chunk is None:
+        chunk = 32 if logits.device.type == "cpu" else 4096
     return _SmoothedCrossEntropy.apply(logits, targets, float(label_smoothing), chunk)
 
 
