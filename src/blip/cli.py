@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from .factory import DTYPE_NAMES
+
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
@@ -225,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--task", choices=["pretrain", "caption", "retrieval", "vqa", "feature"],
                            help="model to build when it differs from the checkpoint's")
         p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-        p.add_argument("--dtype", choices=["fp32", "bf16", "bf16-full", "fp16"],
+        p.add_argument("--dtype", choices=DTYPE_NAMES,
                        help="precision: bf16 = image encoder in bf16, text side fp32 (captions match fp32); "
                             "bf16-full = every weight in bf16 (fastest, near-tie tokens may differ)")
         p.add_argument("--json", action="store_true", help="one JSON object per line")

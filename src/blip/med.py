@@ -32,15 +32,15 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                      dropout: float) -> torch.Tensor:
+                      dropout_p: float) -> torch.Tensor:
     """Attention of R query rows over G key/value groups, R = G * K, rows of a group contiguous."""
     r, h, t, d = q.shape
     g = k.shape[0]
     if r == g:
-        return attention(q, k, v, mask, dropout)
+        return attention(q, k, v, mask, dropout_p)
     per = r // g
     q = q.view(g, per, h, t, d).transpose(1, 2).reshape(g, h, per * t, d)
-    out = attention(q, k, v, mask, dropout)
+    out = attention(q, k, v, mask, dropout_p)
     return out.view(g, h, per, t, d).transpose(1, 2).reshape(r, h, t, d)
 
 
@@ -100,9 +100,7 @@ class Dropout(nn.Dropout):
     pretraining step on CPU)."""
 
     def forward(self, x):
-        if not self.training or self.p == 0.0 or x.device.type != "cpu":
-            return super().forward(x)
-        return dropout(x, self.p)
+        return dropout(x, self.p) if self.training and self.p > 0 else x
 
 
 class AttentionOutput(nn.Module):
