@@ -5,6 +5,7 @@ import torch
 import blip
 from blip.generation import GenerationConfig, generate
 from blip.med import RawStates
+from blip.vit import VisionTransformer
 
 
 class PlainState:
@@ -120,14 +121,40 @@ def test_bf16_policy_keeps_the_text_side_fp32(hf_dirs):
 
 
 def test_vit_inference_path_equals_autograd_path_and_leaves_inputs_alone(model):
-    """Without autograd the ViT runs GELU and the residual adds in place and feeds SDPA contiguous
-    q/k/v; with autograd it takes the plain path (and the explicit attention on CPU)."""
+    """Without autograd the ViT writes every block into reused scratch buffers (GELU and residual adds in
+    place, contiguous q/k/v for SDPA); with autograd it takes the plain path (and the explicit attention
+    on CPU). Same values, inputs untouched, and a returned result never aliases the scratch."""
     torch.manual_seed(4)
     px = torch.randn(2, 3, 32, 32)
     keep = px.clone()
+    vit = model.visual_encoder
     with torch.inference_mode():
-        fast = model.visual_encoder(px)
+        fast = vit(px)
+        first = fast.clone()
+        vit(torch.randn(3, 3, 32, 32))  # another batch size through the same code
+        again = vit(px)
     with torch.enable_grad():
-        plain = model.visual_encoder(px.clone().requires_grad_())
+        plain = vit(px.clone().requires_grad_())
     assert torch.equal(px, keep)
+    assert torch.equal(fast, first) and torch.equal(again, first)
     assert torch.allclose(fast, plain.detach(), atol=1e-5)
+
+
+def test_vit_inference_path_keeps_drop_path_per_image():
+    """In train mode without autograd (a momentum encoder), stochastic depth still drops whole images'
+    branches, drawn in the same order as the autograd path."""
+    cfg = blip.get_config("tiny")
+    vit = VisionTransformer(cfg.vision).train()
+    for block in vit.blocks:
+        block.drop_path.p = 0.5
+    px = torch.randn(4, 3, cfg.vision.image_size, cfg.vision.image_size)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        fast = vit(px)
+    torch.manual_seed(7)
+    plain = vit(px).detach()
+    assert torch.allclose(fast, plain, atol=1e-5)
+    torch.manual_seed(8)
+    with torch.no_grad():
+        other = vit(px)
+    assert not torch.allclose(fast, other, atol=1e-3)  # the draws matter
