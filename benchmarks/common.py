@@ -36,16 +36,23 @@ def timed(fn, *args, **kwargs):
 
 
 def interleave(sides: dict, repeats: int) -> dict[str, list[float]]:
-    """Run each side in turn, `repeats` rounds; returns seconds per side."""
+    """Run each side in turn, `repeats` rounds, the order reversed every other round (so a machine that
+    speeds up or slows down during the run favours neither side); returns seconds per side."""
     times = {name: [] for name in sides}
-    for _ in range(repeats):
-        for name, fn in sides.items():
+    for i in range(repeats):
+        for name, fn in (reversed(sides.items()) if i % 2 else sides.items()):
             times[name].append(timed(fn)[0])
     return times
 
 
 def median(xs):
     return statistics.median(xs)
+
+
+def paired_ratio(slow: list[float], fast: list[float]) -> float:
+    """Median over rounds of slow/fast: each round's two sides ran back to back, so their ratio is robust
+    to this VM's speed drifting by up to 1.5x within minutes, which a ratio of medians is not."""
+    return median([s / f for s, f in zip(slow, fast)])
 
 
 def machine() -> dict:

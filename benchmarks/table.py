@@ -20,6 +20,10 @@ def main() -> None:
         cap["targets"] = {k: v for k, v in cap["targets"].items() if not k.startswith("bf16")}
         cap["targets"].update(extra["targets"])
     if cap:
+        if "image_encoder_ratio" in cap:
+            vit = cap["image_encoder_s"]
+            rows.append(f"| image encoder alone (fp32) | {vit['ours']:.2f} s | {vit['transformers']:.2f} s | "
+                        f"{cap['image_encoder_ratio']:.2f}x | (bounds greedy/sample end to end) |")
         for mode, t in cap["targets"].items():
             if mode.startswith("bf16"):
                 dt = t.get("dtype", "bf16-full" if mode == "bf16_beam3" else "bf16")  # older result files

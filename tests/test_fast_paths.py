@@ -121,9 +121,9 @@ def test_bf16_policy_keeps_the_text_side_fp32(hf_dirs):
 
 
 def test_vit_inference_path_equals_autograd_path_and_leaves_inputs_alone(model):
-    """Without autograd the ViT writes every block into reused scratch buffers (GELU and residual adds in
-    place, contiguous q/k/v for SDPA); with autograd it takes the plain path (and the explicit attention
-    on CPU). Same values, inputs untouched, and a returned result never aliases the scratch."""
+    """Without autograd the ViT runs GELU and the residual adds in place and feeds SDPA contiguous
+    q/k/v; with autograd it takes the plain path (and the explicit attention on CPU). Same values,
+    inputs untouched, and one call's result is not overwritten by the next."""
     torch.manual_seed(4)
     px = torch.randn(2, 3, 32, 32)
     keep = px.clone()
