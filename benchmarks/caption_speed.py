@@ -6,7 +6,7 @@ encoder; every ratio is the median over rounds of the two sides run back to back
 tokens are identical (ours with length_normalization="generated", the
 rule current transformers uses). Writes benchmarks/results/caption_speed.json.
 
-    python benchmarks/caption_speed.py [--images 8] [--repeats 3] [--quick]
+    python benchmarks/caption_speed.py [--images 8] [--repeats 3] [--short-repeats 4] [--modes beam3,greedy,sample] [--no-bf16]
 """
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ from blip.generation import GenerationConfig, generate  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds for beam 3 and the bf16 runs")
+    ap.add_argument("--short-repeats", type=int, default=4,
+                    help="rounds for the image encoder, greedy and sampling (short runs, so noisier ratios)")
     ap.add_argument("--image-size", type=int, default=384)
     ap.add_argument("--modes", default="beam3,greedy,sample")
     ap.add_argument("--no-bf16", action="store_true")
@@ -42,7 +44,8 @@ def main() -> None:
     modes = {"beam3": dict(num_beams=3), "greedy": dict(num_beams=1),
              "sample": dict(do_sample=True, top_p=0.9, num_beams=1)}
     result = {"machine": machine(), "images": args.images, "image_size": args.image_size,
-              "max_length": 20, "min_length": 5, "repeats": args.repeats, "targets": {}}
+              "max_length": 20, "min_length": 5, "repeats": args.repeats,
+              "short_repeats": args.short_repeats, "targets": {}}
 
     def hf_vit():
         with torch.inference_mode():
@@ -51,7 +54,7 @@ def main() -> None:
     def our_vit():
         return ours.encode_image(px)
 
-    vit = interleave({"transformers": hf_vit, "ours": our_vit}, args.repeats)
+    vit = interleave({"transformers": hf_vit, "ours": our_vit}, args.short_repeats)
     result["image_encoder_s"] = {k: median(v) for k, v in vit.items()}
     result["image_encoder_ratio"] = paired_ratio(vit["transformers"], vit["ours"])
 
@@ -95,16 +98,19 @@ def main() -> None:
         width = max(ref.shape[1], mine.shape[1])
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
         identical = torch.equal(pad(ref), pad(mine))
-        t = interleave({"transformers": run_hf, "ours": run_ours}, args.repeats)
+        repeats = args.repeats if kw["num_beams"] > 1 else args.short_repeats
+        t = interleave({"transformers": run_hf, "ours": run_ours}, repeats)
         hf_s, our_s = median(t["transformers"]), median(t["ours"])
-        d = interleave({"transformers": decode_hf, "ours": decode_ours}, args.repeats)
+        d = interleave({"transformers": decode_hf, "ours": decode_ours}, repeats)
         hf_dec, our_dec = median(d["transformers"]), median(d["ours"])
         result["targets"][mode] = {
             "transformers_images_per_s": args.images / hf_s, "ours_images_per_s": args.images / our_s,
             "end_to_end_ratio": paired_ratio(t["transformers"], t["ours"]),
             "decoding_ratio": paired_ratio(d["transformers"], d["ours"]),
             "transformers_decoding_s": hf_dec, "ours_decoding_s": our_dec,
-            "tokens_identical": identical, "transformers_s": t["transformers"], "ours_s": t["ours"]}
+            "tokens_identical": identical, "transformers_s": t["transformers"], "ours_s": t["ours"],
+            "end_to_end_round_ratios": [round(a / b, 3) for a, b in zip(t["transformers"], t["ours"])],
+            "decoding_round_ratios": [round(a / b, 3) for a, b in zip(d["transformers"], d["ours"])]}
         print(f"{mode}: ours {args.images / our_s:.2f} img/s, transformers {args.images / hf_s:.2f} img/s, "
               f"ratio {result['targets'][mode]['end_to_end_ratio']:.2f}x, "
               f"decoding {result['targets'][mode]['decoding_ratio']:.2f}x, identical={identical}",
@@ -129,6 +135,7 @@ def main() -> None:
                 "dtype": dtype,
                 "end_to_end_ratio_vs_transformers_fp32": paired_ratio(t["transformers_fp32"], t["ours"]),
                 "ours_images_per_s": args.images / median(t["ours"]),
+                "round_ratios": [round(a / b, 3) for a, b in zip(t["transformers_fp32"], t["ours"])],
                 "image_embedding_min_cosine_to_fp32": cos.min().item()}
             print(dtype, result["targets"][dtype.replace("-", "_") + "_beam3"], file=sys.stderr)
     write(args.name, result)
