@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import packed
 from .attention import attention, dropout
 from .config import TextConfig
 
@@ -66,9 +67,9 @@ class AttentionProjections(nn.Module):
         super().__init__()
         self.heads = heads
         self.dropout = dropout
-        self.query = nn.Linear(width, width)
-        self.key = nn.Linear(kv_width, width)
-        self.value = nn.Linear(kv_width, width)
+        self.query = packed.Linear(width, width)
+        self.key = packed.Linear(kv_width, width)
+        self.value = packed.Linear(kv_width, width)
 
     def kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _heads(self.key(states), self.heads), _heads(self.value(states), self.heads)
@@ -106,7 +107,7 @@ class Dropout(nn.Dropout):
 class AttentionOutput(nn.Module):
     def __init__(self, cfg: TextConfig, in_width: int | None = None):
         super().__init__()
-        self.dense = nn.Linear(in_width or cfg.width, cfg.width)
+        self.dense = packed.Linear(in_width or cfg.width, cfg.width)
         self.LayerNorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.dropout = Dropout(cfg.dropout)
 
@@ -124,7 +125,7 @@ class Attention(nn.Module):
 class Intermediate(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.width, cfg.ffn)
+        self.dense = packed.Linear(cfg.width, cfg.ffn)
         if cfg.activation != "gelu":
             raise ValueError(f"unsupported activation {cfg.activation!r}")
 
@@ -284,7 +285,7 @@ class TextTransformer(nn.Module):
 class PredictionTransform(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.width, cfg.width)
+        self.dense = packed.Linear(cfg.width, cfg.width)
         self.LayerNorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
 
     def forward(self, x):
@@ -298,7 +299,7 @@ class Predictions(nn.Module):
         super().__init__()
         self.transform = PredictionTransform(cfg)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
-        self.decoder = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
+        self.decoder = packed.Linear(cfg.width, cfg.vocab_size, bias=False)
         self.decoder.bias = self.bias
 
     def forward(self, x):
@@ -371,8 +372,9 @@ class DecoderState:
         self.device = encoder_states.device
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.decoder.bert(input_ids, mode="causal", cache=self.cache)
-        return self.decoder.cls(hidden[:, -1]).float()
+        with packed.decoding():  # few rows a step: weights stream faster from oneDNN's packed layout
+            hidden = self.decoder.bert(input_ids, mode="causal", cache=self.cache)
+            return self.decoder.cls(hidden[:, -1]).float()
 
     def reorder(self, rows: torch.Tensor, groups: int) -> None:
         rows = rows.to(self.device)

@@ -1,0 +1,84 @@
+"""blip.packed: decoding through oneDNN-packed weights must give F.linear's values, follow weight
+updates, keep autograd, and leave every other call on the plain path."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import blip
+from blip import packed
+from blip.generation import GenerationConfig, generate
+
+pytestmark = pytest.mark.skipif(not packed.AVAILABLE, reason="this torch build has no oneDNN packed linear")
+
+
+@pytest.fixture
+def layer():
+    torch.manual_seed(0)
+    return packed.Linear(48, 40)
+
+
+def test_few_rows_match_f_linear_and_the_pack_is_reused(layer):
+    x = torch.randn(3, 1, 48)
+    with torch.no_grad(), packed.decoding():
+        y = layer(x)
+        first = packed._packs[layer][1]
+        layer(x)
+        assert packed._packs[layer][1] is first
+    assert torch.allclose(y, F.linear(x, layer.weight, layer.bias), atol=1e-5)
+
+
+def test_the_pack_follows_in_place_weight_updates(layer):
+    x = torch.randn(4, 48)
+    with torch.no_grad(), packed.decoding():
+        layer(x)
+        layer.weight.mul_(-2.0)  # what an optimizer step or load_state_dict does
+        y = layer(x)
+    assert torch.allclose(y, F.linear(x, layer.weight, layer.bias), atol=1e-5)
+    layer.load_state_dict({"weight": torch.randn(40, 48), "bias": torch.randn(40)})
+    with torch.no_grad(), packed.decoding():
+        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5)
+    packed.release(layer)
+    assert layer not in packed._packs
+
+
+def test_plain_path_outside_decoding_for_many_rows_and_with_autograd(layer):
+    few, many = torch.randn(2, 48), torch.randn(packed.MAX_ROWS + 1, 48)
+    with torch.no_grad():
+        assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))  # not decoding
+        with packed.decoding():
+            assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
+    assert layer not in packed._packs
+    with packed.decoding():
+        y = layer(few)  # the weight needs a gradient: F.linear
+    y.sum().backward()
+    assert layer.weight.grad is not None and torch.allclose(layer.weight.grad, few.sum(0).expand(40, -1))
+
+
+def test_bf16_and_deepcopy(layer):
+    x = torch.randn(2, 48)
+    with torch.no_grad(), packed.decoding():
+        layer(x)
+        twin = copy.deepcopy(layer)  # momentum encoders are deep copies; packs live outside the module
+        assert torch.allclose(twin(x), layer(x), atol=1e-5)
+        half = layer.to(torch.bfloat16)
+        y = half(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), F.linear(x, layer.weight.float(), layer.bias.float()), atol=0.1)
+
+
+@pytest.mark.parametrize("cfg", [dict(num_beams=1), dict(num_beams=3), dict(do_sample=True, top_p=0.9)])
+def test_generation_is_the_same_with_and_without_packing(hf_dirs, cfg, monkeypatch):
+    model = blip.load(hf_dirs["caption"][0])
+    states = model.visual_encoder(torch.randn(3, 3, 32, 32)).detach()
+    prompt = model.prompt_ids("a picture of ", 3)
+    gen = GenerationConfig(max_length=12, min_length=3, **cfg)
+    outs = []
+    for on in (False, True):
+        monkeypatch.setattr(packed, "ENABLED", on)
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            outs.append(generate(model.text_decoder.start(states, absorb=True), prompt, gen))
+    assert torch.equal(outs[0], outs[1])
+    assert any(m in packed._packs for m in model.text_decoder.modules())  # packing did happen
