@@ -54,6 +54,11 @@ def test_plain_path_outside_decoding_for_many_rows_and_with_autograd(layer):
         y = layer(few)  # the weight needs a gradient: F.linear
     y.sum().backward()
     assert layer.weight.grad is not None and torch.allclose(layer.weight.grad, few.sum(0).expand(40, -1))
+    layer.weight.requires_grad_(False)  # a frozen weight with a trainable bias still needs autograd
+    layer.bias.grad = None
+    with packed.decoding():
+        layer(few).sum().backward()
+    assert torch.equal(layer.bias.grad, torch.full((40,), 2.0))
 
 
 def test_bf16_and_deepcopy(layer):
