@@ -1,12 +1,14 @@
 """Captioning speed: ours against transformers on the same random `base` weights, side by side.
 
 384 px, 8 images, beam 3 (min 5, max 20), greedy and nucleus sampling; fp32 for both, plus our
-dtype="bf16" (image encoder bf16, text fp32) and "bf16-full" against transformers fp32. Reports images/s, the ratio, the decoding part (total minus the image
-encoder; every ratio is the median over rounds of the two sides run back to back) and whether the
-tokens are identical (ours with length_normalization="generated", the
-rule current transformers uses). Writes benchmarks/results/caption_speed.json.
+dtype="bf16" (image encoder bf16, text fp32) and "bf16-full" against transformers fp32. Reports
+images/s, the ratio, the decoding part (total minus the image encoder; every ratio is the median over
+rounds of the two sides run back to back) and whether the tokens are identical (ours with
+length_normalization="generated", the rule current transformers uses).
+Writes benchmarks/results/caption_speed.json.
 
-    python benchmarks/caption_speed.py [--images 8] [--repeats 3] [--short-repeats 4] [--modes beam3,greedy,sample] [--no-bf16]
+    python benchmarks/caption_speed.py [--images 8] [--repeats 3] [--short-repeats 4]
+                                       [--modes beam3,greedy,sample] [--no-bf16]
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import hf_base_caption, interleave, machine, median, paired_ratio, write  # noqa: E402
+from common import hf_base_caption, interleave, machine, median, paired_ratio, round_ratios, write  # noqa: E402
 
 import blip  # noqa: E402
 from blip.generation import GenerationConfig, generate  # noqa: E402
@@ -109,8 +111,8 @@ def main() -> None:
             "decoding_ratio": paired_ratio(d["transformers"], d["ours"]),
             "transformers_decoding_s": hf_dec, "ours_decoding_s": our_dec,
             "tokens_identical": identical, "transformers_s": t["transformers"], "ours_s": t["ours"],
-            "end_to_end_round_ratios": [round(a / b, 3) for a, b in zip(t["transformers"], t["ours"])],
-            "decoding_round_ratios": [round(a / b, 3) for a, b in zip(d["transformers"], d["ours"])]}
+            "end_to_end_round_ratios": round_ratios(t["transformers"], t["ours"]),
+            "decoding_round_ratios": round_ratios(d["transformers"], d["ours"])}
         print(f"{mode}: ours {args.images / our_s:.2f} img/s, transformers {args.images / hf_s:.2f} img/s, "
               f"ratio {result['targets'][mode]['end_to_end_ratio']:.2f}x, "
               f"decoding {result['targets'][mode]['decoding_ratio']:.2f}x, identical={identical}",
@@ -135,7 +137,7 @@ def main() -> None:
                 "dtype": dtype,
                 "end_to_end_ratio_vs_transformers_fp32": paired_ratio(t["transformers_fp32"], t["ours"]),
                 "ours_images_per_s": args.images / median(t["ours"]),
-                "round_ratios": [round(a / b, 3) for a, b in zip(t["transformers_fp32"], t["ours"])],
+                "round_ratios": round_ratios(t["transformers_fp32"], t["ours"]),
                 "image_embedding_min_cosine_to_fp32": cos.min().item()}
             print(dtype, result["targets"][dtype.replace("-", "_") + "_beam3"], file=sys.stderr)
     write(args.name, result)

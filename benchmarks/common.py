@@ -49,6 +49,11 @@ def median(xs):
     return statistics.median(xs)
 
 
+def round_ratios(slow: list[float], fast: list[float]) -> list[float]:
+    """slow/fast for each round (rounded, for the results files)."""
+    return [round(s / f, 3) for s, f in zip(slow, fast)]
+
+
 def paired_ratio(slow: list[float], fast: list[float]) -> float:
     """Median over rounds of slow/fast: each round's two sides ran back to back, so their ratio is robust
     to this VM's speed drifting by up to 1.5x within minutes, which a ratio of medians is not."""

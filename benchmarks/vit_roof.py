@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleave, machine, median, paired_ratio, write  # noqa: E402
+from common import interleave, machine, median, paired_ratio, round_ratios, write  # noqa: E402
 
 import blip  # noqa: E402
 
@@ -56,10 +56,9 @@ def main() -> None:
         t = interleave({"forward": forward, "matmuls": matmuls}, args.repeats * (3 if dtype == torch.bfloat16 else 1))
         name = "fp32" if dtype == torch.float32 else "bf16"
         flops = 2 * rows * sum(p.numel() for p in vit.parameters() if p.ndim == 2)
-        paired = [f / m for f, m in zip(t["forward"], t["matmuls"])]  # each round's ratio: robust to drift
         result["targets"][name] = {"forward_s": median(t["forward"]), "matmuls_s": median(t["matmuls"]),
                                    "ratio": paired_ratio(t["forward"], t["matmuls"]),
-                                   "round_ratios": [round(r, 3) for r in paired],
+                                   "round_ratios": round_ratios(t["forward"], t["matmuls"]),
                                    "linear_gflops_per_s": flops / median(t["matmuls"]) / 1e9}
         print(name, result["targets"][name], file=sys.stderr)
     write("vit_roof", result)

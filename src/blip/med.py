@@ -79,7 +79,7 @@ class AttentionProjections(nn.Module):
         of width `width`: scores = (q W_k) X^T, since the key bias adds one constant to all of a query's
         scores, which softmax ignores; output = (p X) W_v^T + b_v, since p sums to one. For few-row decoding
         (greedy, sampling) this replaces projecting every layer's K/V once (~130 GFLOP for 8 `base` images
-        at 384 px) and then reading them every step, with reading the small X, which stays in cache."""
+        at 384 px) and then reading them every step, with reading X (14 MB for those 8 images) twice a layer."""
         r, t, _ = x.shape
         g, s, kv = states.x.shape
         h = self.heads

@@ -34,7 +34,8 @@ _local = threading.local()
 
 def _available() -> bool:
     try:
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._linear_pointwise is not None
+        ops = torch.ops.mkldnn
+        return torch.backends.mkldnn.is_available() and None not in (ops._linear_pointwise, ops._reorder_linear_weight)
     except (AttributeError, RuntimeError):
         return False
 
@@ -82,7 +83,7 @@ class Linear(nn.Linear):
         try:
             with torch.no_grad():
                 packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), MAX_ROWS // 8)
-        except RuntimeError:  # a oneDNN build without this layout: plain F.linear from now on
+        except (AttributeError, RuntimeError):  # a oneDNN build without this layout: plain F.linear from now on
             _packs[self] = (None, None)
             return None
         _packs[self] = (key, packed)
