@@ -73,6 +73,24 @@ def test_bf16_and_deepcopy(layer):
     assert torch.allclose(y.float(), F.linear(x, layer.weight.float(), layer.bias.float()), atol=0.1)
 
 
+def test_fused_layers_match_each_layer_and_follow_updates():
+    torch.manual_seed(0)
+    layers = (packed.Linear(48, 40), packed.Linear(48, 24), packed.Linear(48, 40))
+    x = torch.randn(5, 1, 48)
+    want = lambda: torch.cat([F.linear(x, m.weight, m.bias) for m in layers], -1)  # noqa: E731
+    with torch.no_grad():
+        assert packed.fused(x, layers) is None  # not decoding: the caller runs the layers one by one
+        with packed.decoding():
+            assert torch.allclose(packed.fused(x, layers), want(), atol=1e-5)
+            layers[1].bias.add_(1.0)  # a bias update alone must refresh the stacked copy
+            assert torch.allclose(packed.fused(x, layers), want(), atol=1e-5)
+            assert packed.fused(torch.randn(packed.MAX_ROWS + 1, 48), layers) is None
+    packed.release(layers[0])
+    assert layers[0] not in packed._fused
+    with packed.decoding():
+        assert packed.fused(x, layers) is None  # the weights need gradients
+
+
 @pytest.mark.parametrize("cfg", [dict(num_beams=1), dict(num_beams=3), dict(do_sample=True, top_p=0.9)])
 def test_generation_is_the_same_with_and_without_packing(hf_dirs, cfg, monkeypatch):
     model = blip.load(hf_dirs["caption"][0])
@@ -87,3 +105,4 @@ def test_generation_is_the_same_with_and_without_packing(hf_dirs, cfg, monkeypat
             outs.append(generate(model.text_decoder.start(states, absorb=True), prompt, gen))
     assert torch.equal(outs[0], outs[1])
     assert any(m in packed._packs for m in model.text_decoder.modules())  # packing did happen
+    assert any(m in packed._fused for m in model.text_decoder.modules())  # and self-attention ran fused
