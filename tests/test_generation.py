@@ -360,6 +360,29 @@ def test_sampling_generator_and_global_rng():
     assert torch.equal(d, e)
 
 
+@pytest.mark.parametrize("batch,live", [(8, 8), (8, 3), (1, 1)])
+def test_multinomial_draws_what_torch_multinomial_draws(batch, live):
+    from blip.generation import _exponentials_match, _multinomial
+
+    vocab = 30524
+    assert _exponentials_match(batch * vocab, torch.float32)  # this build takes the vectorised path
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        logits = torch.randn(batch, vocab, generator=gen) * 4
+        logits[:, 1::3] = -float("inf")  # zeros, as top-k / top-p leave them
+        probs = logits.softmax(-1)
+        rows = torch.randperm(batch, generator=gen)[:live].sort().values
+        full = probs.clone()
+        full[[r for r in range(batch) if r not in rows.tolist()]] = torch.eye(vocab)[0]
+        a, b = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        want = torch.multinomial(full, 1, generator=a).squeeze(1)[rows]
+        got = _multinomial(probs[rows], rows, batch, b)
+        assert torch.equal(got, want)
+        assert torch.equal(a.get_state(), b.get_state())  # the random stream advanced alike
+    with pytest.raises(RuntimeError, match="inf"):
+        _multinomial(torch.tensor([[0.5, float("nan")]]), torch.arange(1), 1, None)
+
+
 def test_output_contract():
     model, prompts = make_model(1), make_prompts(1)
     for mode in MODES.values():

@@ -245,15 +245,7 @@ def _greedy_or_sample(
         scores = _process(seqs[rows, :cur_len], logits, cfg)
         if cfg.do_sample:
             probs = F.softmax(_warp(scores, cfg), dim=-1)
-            if rows.numel() < B:
-                # torch.multinomial(probs, 1) draws one exponential per element of probs: sample on a full-size
-                # (B, V) tensor so that pruning consumes the random stream exactly as the unpruned batch does.
-                full = torch.zeros((B, probs.shape[-1]), dtype=probs.dtype, device=device)
-                full[:, 0] = 1.0
-                full[rows] = probs
-                tokens = torch.multinomial(full, num_samples=1, generator=generator).squeeze(1)[rows]
-            else:
-                tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+            tokens = _multinomial(probs, rows, B, generator)
         else:
             tokens = torch.argmax(scores, dim=-1)
         tokens = torch.where(unfinished, tokens, cfg.pad_token_id)
@@ -268,6 +260,49 @@ def _greedy_or_sample(
             rows, unfinished, tokens = rows[keep], unfinished[keep], tokens[keep]
         logits = _step(state, tokens[:, None], rows.numel())
     return seqs[:, :cur_len]
+
+
+def _multinomial(probs: torch.Tensor, rows: torch.Tensor, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of ``probs`` (R, V), exactly as ``torch.multinomial(full, 1)`` draws it for the (batch, V)
+    tensor ``full`` whose rows ``rows`` are ``probs`` (the other rows have finished): pruning must consume the random
+    stream as the unpruned batch does.
+
+    torch.multinomial(p, 1) is argmax(p / q) with q ~ Exp(1), one per element, and the CPU fills q in a serial loop
+    (6 ms a step for 8 x 30524, most of sampling's extra cost). The same q are -log1p(-u) of a float64 ``uniform_``
+    (the same draws from the generator) and come 3x faster vectorised; `_exponentials_match` checks that against
+    ``exponential_`` itself on this torch build, once per size, and anything it does not vouch for (another build,
+    CUDA, another dtype) keeps torch.multinomial."""
+    shape = (batch, probs.shape[-1])
+    if probs.device.type == "cpu" and _exponentials_match(shape[0] * shape[1], probs.dtype):
+        if not bool((probs.max() < math.inf) & (probs.min() >= 0)):
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        u = torch.empty(shape, dtype=torch.float64).uniform_(generator=generator)
+        u = u if rows.numel() == batch else u[rows]
+        return (probs / torch.log1p(u.neg_()).neg_().to(probs.dtype)).argmax(-1)
+    if rows.numel() == batch:
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    full = torch.zeros(shape, dtype=probs.dtype, device=probs.device)
+    full[:, 0] = 1.0
+    full[rows] = probs
+    return torch.multinomial(full, num_samples=1, generator=generator).squeeze(1)[rows]
+
+
+_EXPONENTIALS_MATCH: dict[tuple[int, torch.dtype], bool] = {}
+
+
+def _exponentials_match(n: int, dtype: torch.dtype) -> bool:
+    """Whether ``exponential_`` on n CPU elements of ``dtype`` equals -log1p(-u) of a float64 ``uniform_`` of n
+    elements and leaves the generator in the same state (so `_multinomial` may draw its q that way)."""
+    key = (n, dtype)
+    if key not in _EXPONENTIALS_MATCH:
+        ok = dtype == torch.float32
+        if ok:
+            a, b = torch.Generator().manual_seed(20220128), torch.Generator().manual_seed(20220128)
+            want = torch.empty(n, dtype=dtype).exponential_(generator=a)
+            u = torch.empty(n, dtype=torch.float64).uniform_(generator=b)
+            ok = torch.equal(want, torch.log1p(u.neg_()).neg_().to(dtype)) and torch.equal(a.get_state(), b.get_state())
+        _EXPONENTIALS_MATCH[key] = ok
+    return _EXPONENTIALS_MATCH[key]
 
 
 # ----------------------------------------------------------------------------------------------------------------
