@@ -99,7 +99,11 @@ class AttentionProjections(nn.Module):
         scores = torch.bmm(qk, states.x.transpose(1, 2))
         if mask is not None:
             scores = scores.masked_fill(~mask.view(g, 1, s), float("-inf"))
-        ctx = torch.bmm(scores.softmax(-1), states.x)  # (g, h*per*t, kv)
+        # Logit gaps over ~87 give probabilities below the smallest normal float: they add nothing to the
+        # output (bit for bit), but denormal operands made this bmm 14x slower (11 vs 0.8 ms for 8 `base`
+        # images, 13% denormal). Flushing them costs 10 us.
+        probs = F.threshold(scores.softmax(-1), torch.finfo(scores.dtype).tiny, 0.0)
+        ctx = torch.bmm(probs, states.x)  # (g, h*per*t, kv)
         ctx = ctx.view(g, h, -1, kv).transpose(0, 1).reshape(h, r * t, kv)
         out = torch.baddbmm(self.value.bias.view(h, 1, d), ctx, self.value.weight.view(h, d, kv).transpose(1, 2))
         return out.transpose(0, 1).reshape(r, t, h * d)
