@@ -20,7 +20,7 @@ def layer():
 
 
 def test_few_rows_match_f_linear_and_the_pack_is_reused(layer):
-    x = torch.randn(3, 1, 48)
+    x = torch.randn(3, 2, 48)
     with torch.no_grad(), packed.decoding():
         y = layer(x)
         first = packed._packs[layer][1]
@@ -44,11 +44,13 @@ def test_the_pack_follows_in_place_weight_updates(layer):
 
 
 def test_plain_path_outside_decoding_for_many_rows_and_with_autograd(layer):
-    few, many = torch.randn(2, 48), torch.randn(packed.MAX_ROWS + 1, 48)
+    few, many = torch.randn(packed.MIN_ROWS[torch.float32], 48), torch.randn(packed.MAX_ROWS + 1, 48)
+    one = torch.randn(packed.MIN_ROWS[torch.float32] - 1, 48)  # GEMV-like shapes: MKL streams them faster unpacked
     with torch.no_grad():
         assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))  # not decoding
         with packed.decoding():
             assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
+            assert torch.equal(layer(one), F.linear(one, layer.weight, layer.bias))
     assert layer not in packed._packs
     with packed.decoding():
         y = layer(few)  # the weight needs a gradient: F.linear
@@ -58,11 +60,11 @@ def test_plain_path_outside_decoding_for_many_rows_and_with_autograd(layer):
     layer.bias.grad = None
     with packed.decoding():
         layer(few).sum().backward()
-    assert torch.equal(layer.bias.grad, torch.full((40,), 2.0))
+    assert torch.equal(layer.bias.grad, torch.full((40,), float(packed.MIN_ROWS[torch.float32])))
 
 
 def test_bf16_and_deepcopy(layer):
-    x = torch.randn(2, 48)
+    x = torch.randn(4, 48)
     with torch.no_grad(), packed.decoding():
         layer(x)
         twin = copy.deepcopy(layer)  # momentum encoders are deep copies; packs live outside the module
@@ -94,8 +96,8 @@ def test_fused_layers_match_each_layer_and_follow_updates():
 @pytest.mark.parametrize("cfg", [dict(num_beams=1), dict(num_beams=3), dict(do_sample=True, top_p=0.9)])
 def test_generation_is_the_same_with_and_without_packing(hf_dirs, cfg, monkeypatch):
     model = blip.load(hf_dirs["caption"][0])
-    states = model.visual_encoder(torch.randn(3, 3, 32, 32)).detach()
-    prompt = model.prompt_ids("a picture of ", 3)
+    states = model.visual_encoder(torch.randn(4, 3, 32, 32)).detach()
+    prompt = model.prompt_ids("a picture of ", 4)
     gen = GenerationConfig(max_length=12, min_length=3, **cfg)
     outs = []
     for on in (False, True):
