@@ -38,6 +38,16 @@ def main() -> None:
             if "ours_decoding_s" in t:
                 rows.append(f"| captioning {mode}, decoding part | {t['ours_decoding_s']:.2f} s | "
                             f"{t['transformers_decoding_s']:.2f} s | {t['decoding_ratio']:.2f}x | >= 4x |")
+    one = load("caption_speed_1image")  # --images 1 --name caption_speed_1image: what one photo costs
+    if one:
+        for mode, t in one["targets"].items():
+            if mode.startswith("bf16"):
+                rows.append(f"| one image, beam-3, ours {t['dtype']} vs transformers fp32 | {t['ours_images_per_s']:.2f} img/s | | "
+                            f"{t['end_to_end_ratio_vs_transformers_fp32']:.2f}x | recorded |")
+                continue
+            rows.append(f"| one image, {mode}, end to end (decoding part) | {t['ours_images_per_s']:.2f} img/s | "
+                        f"{t['transformers_images_per_s']:.2f} img/s | {t['end_to_end_ratio']:.2f}x "
+                        f"({t['decoding_ratio']:.2f}x) | recorded |")
     bq = load("bf16_quality")
     if bq:
         for dt in ("bf16", "bf16-full", "bf16-vision"):
