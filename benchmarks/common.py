@@ -1,9 +1,11 @@
 """Shared benchmark plumbing: same random weights for both sides, interleaved repeats, medians."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -15,6 +17,14 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
+def scratch_dir(prefix: str = "blip-bench-") -> Path:
+    """A temporary folder removed when the process exits (a saved `base` model is ~0.9 GB; leaving one per
+    run behind filled this machine's disk)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def hf_base_caption(image_size: int = 384, seed: int = 0):
     """transformers' BlipForConditionalGeneration with `base` shapes and random weights, saved to a
     folder our loader reads, so both sides run the very same weights."""
@@ -24,7 +34,7 @@ def hf_base_caption(image_size: int = 384, seed: int = 0):
                                       attention_probs_dropout_prob=0.0),
                      vision_config=dict(image_size=image_size, layer_norm_eps=1e-6, initializer_range=0.02))
     model = BlipForConditionalGeneration(cfg).eval()
-    folder = Path(tempfile.mkdtemp(prefix="blip-bench-"))
+    folder = scratch_dir()
     model.save_pretrained(str(folder))
     return model, folder
 

@@ -3,19 +3,18 @@ Writes benchmarks/results/load_speed.json."""
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, median, write  # noqa: E402
+from common import machine, median, scratch_dir, write  # noqa: E402
 
 import blip  # noqa: E402
 from blip.checkpoint import save_blip  # noqa: E402
 
 
 def main() -> None:
-    folder = Path(tempfile.mkdtemp()) / "base"
+    folder = scratch_dir() / "base"
     save_blip(blip.create_model("base", task="caption"), folder)
     times = []
     for _ in range(3):

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleave, machine, median, write  # noqa: E402
+from common import interleave, machine, median, scratch_dir, write  # noqa: E402
 
 import blip  # noqa: E402
 from blip.tokenizer import ENC_ID  # noqa: E402
@@ -33,7 +32,7 @@ def main() -> None:
     cfg = BlipConfig(text_config=dict(num_attention_heads=12),
                      vision_config=dict(image_size=args.image_size, layer_norm_eps=1e-6, initializer_range=0.02))
     hf = BlipForImageTextRetrieval(cfg).eval()
-    folder = tempfile.mkdtemp()
+    folder = scratch_dir()
     hf.save_pretrained(folder)
     ours = blip.load(folder)
     px = torch.randn(1, 3, args.image_size, args.image_size)
