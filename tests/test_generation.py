@@ -373,14 +373,19 @@ def test_multinomial_draws_what_torch_multinomial_draws(batch, live):
         probs = logits.softmax(-1)
         rows = torch.randperm(batch, generator=gen)[:live].sort().values
         full = probs.clone()
-        full[[r for r in range(batch) if r not in rows.tolist()]] = torch.eye(vocab)[0]
+        dead = [r for r in range(batch) if r not in rows.tolist()]
+        full[dead] = 0.0
+        full[dead, 0] = 1.0
         a, b = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         want = torch.multinomial(full, 1, generator=a).squeeze(1)[rows]
         got = _multinomial(probs[rows], rows, batch, b)
         assert torch.equal(got, want)
         assert torch.equal(a.get_state(), b.get_state())  # the random stream advanced alike
-    with pytest.raises(RuntimeError, match="inf"):
-        _multinomial(torch.tensor([[0.5, float("nan")]]), torch.arange(1), 1, None)
+    for bad, message in ((torch.tensor([[0.5, float("nan")]]), "inf"), (torch.zeros(1, 2), "sum of probabilities")):
+        with pytest.raises(RuntimeError, match=message):
+            torch.multinomial(bad, 1)  # the same complaints as torch.multinomial
+        with pytest.raises(RuntimeError, match=message):
+            _multinomial(bad, torch.arange(1), 1, None)
 
 
 def test_output_contract():

@@ -274,8 +274,10 @@ def _multinomial(probs: torch.Tensor, rows: torch.Tensor, batch: int, generator:
     CUDA, another dtype) keeps torch.multinomial."""
     shape = (batch, probs.shape[-1])
     if probs.device.type == "cpu" and _exponentials_match(shape[0] * shape[1], probs.dtype):
-        if not bool((probs.max() < math.inf) & (probs.min() >= 0)):
+        if not bool((probs.max() < math.inf) & (probs.min() >= 0)):  # torch.multinomial's own checks
             raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        if bool((probs.sum(-1) == 0).any()):
+            raise RuntimeError("invalid multinomial distribution (sum of probabilities <= 0)")
         u = torch.empty(shape, dtype=torch.float64).uniform_(generator=generator)
         u = u if rows.numel() == batch else u[rows]
         return (probs / torch.log1p(u.neg_()).neg_().to(probs.dtype)).argmax(-1)
