@@ -49,6 +49,15 @@ def main() -> None:
               "max_length": 20, "min_length": 5, "repeats": args.repeats,
               "short_repeats": args.short_repeats, "targets": {}}
 
+    def hf_caption(kw: dict):
+        """transformers' end-to-end captioning for one of `modes` (sampling with repetition penalty 1.1)."""
+        def run():
+            torch.manual_seed(0)
+            with torch.inference_mode():
+                return hf.generate(pixel_values=px, input_ids=hf_prompt.clone(), max_length=20, min_length=5,
+                                   repetition_penalty=1.1 if kw.get("do_sample") else 1.0, **kw)
+        return run
+
     def hf_vit():
         with torch.inference_mode():
             return hf.vision_model(pixel_values=px).last_hidden_state
@@ -74,13 +83,9 @@ def main() -> None:
         kw = modes[mode]
         sample = kw.get("do_sample", False)
 
-        def run_hf():
-            torch.manual_seed(0)
-            with torch.inference_mode():
-                return hf.generate(pixel_values=px, input_ids=hf_prompt.clone(), max_length=20, min_length=5,
-                                   repetition_penalty=1.1 if sample else 1.0, **kw)
+        run_hf = hf_caption(kw)
 
-        def run_ours(dtype=None):
+        def run_ours():
             torch.manual_seed(0)
             return ours.generate_ids(px, prompt="a picture of ", max_length=20, min_length=5, sample=sample,
                                      top_p=0.9, num_beams=kw["num_beams"], length_normalization="generated")[0]
@@ -135,12 +140,7 @@ def main() -> None:
 
     if bf16_sides:
         if bf16_times is None:  # beam 3 was not among --modes: a transformers fp32 beam-3 series of its own
-            def run_hf():
-                with torch.inference_mode():
-                    return hf.generate(pixel_values=px, input_ids=hf_prompt.clone(), max_length=20, min_length=5,
-                                       num_beams=3)
-
-            bf16_times = interleave({"transformers": run_hf, **bf16_sides}, args.repeats)
+            bf16_times = interleave({"transformers": hf_caption(modes["beam3"]), **bf16_sides}, args.repeats)
         emb32 = ours.embed_images(px, project=False).float()
         for dtype, other in others.items():
             cos = torch.nn.functional.cosine_similarity(emb32, other.embed_images(px, project=False).float(), dim=-1)

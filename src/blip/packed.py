@@ -73,7 +73,7 @@ def fused(x: torch.Tensor, layers: tuple["Linear", ...]) -> torch.Tensor | None:
     if not getattr(_local, "on", False) or any(layer.bias is None for layer in layers):
         return None
     hit = _pack(_fused, layers, x)
-    return None if hit is None else torch.ops.mkldnn._linear_pointwise(x, hit[0], hit[1], "none", [None], "")
+    return None if hit is None else torch.ops.mkldnn._linear_pointwise(x, *hit, "none", [None], "")
 
 
 def _pack(cache: weakref.WeakKeyDictionary, layers: tuple[nn.Linear, ...], x: torch.Tensor):
@@ -112,4 +112,4 @@ class Linear(nn.Linear):
         hit = _pack(_packs, (self,), x) if getattr(_local, "on", False) else None
         if hit is None:
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, hit[0], self.bias, "none", [None], "")
+        return torch.ops.mkldnn._linear_pointwise(x, *hit, "none", [None], "")
