@@ -21,7 +21,7 @@ def peak():  # VmHWM: this process's own high-water mark (ru_maxrss would inheri
 px = torch.randn(8, 3, 384, 384)
 if side == "ours":
     import blip
-    model = blip.load(folder)
+    model = blip.load(folder, device="cpu")
     loaded = peak()
     model.generate_ids(px, num_beams=3, max_length=20, min_length=5)
 else:

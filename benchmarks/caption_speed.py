@@ -5,9 +5,10 @@ dtype="bf16" (image encoder bf16, text fp32) and "bf16-full" against transformer
 images/s, the ratio, the decoding part (total minus the image encoder; every ratio is the median over
 rounds of the two sides run back to back) and whether the tokens are identical (ours with
 length_normalization="generated", the rule current transformers uses).
-Writes benchmarks/results/caption_speed.json.
+Writes benchmarks/results/caption_speed.json (caption_speed_cuda.json with --device cuda: both sides on
+the GPU, the card's name recorded).
 
-    python benchmarks/caption_speed.py [--images 8] [--repeats 3] [--short-repeats 4]
+    python benchmarks/caption_speed.py [--images 8] [--repeats 3] [--short-repeats 4] [--device cpu]
                                        [--modes beam3,greedy,sample] [--no-bf16]
 """
 from __future__ import annotations
@@ -34,18 +35,22 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=384)
     ap.add_argument("--modes", default="beam3,greedy,sample")
     ap.add_argument("--no-bf16", action="store_true")
-    ap.add_argument("--name", default="caption_speed", help="results file name (benchmarks/results/NAME.json)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both sides run there)")
+    ap.add_argument("--name", help="results file name (benchmarks/results/NAME.json; default caption_speed, "
+                                   "or caption_speed_cuda on a GPU)")
     args = ap.parse_args()
+    dev = torch.device(args.device)
+    name = args.name or ("caption_speed" if dev.type == "cpu" else f"caption_speed_{dev.type}")
 
     torch.manual_seed(0)
-    hf, folder = hf_base_caption(args.image_size)
-    ours = blip.load(folder)
-    px = torch.randn(args.images, 3, args.image_size, args.image_size)
+    hf, folder = hf_base_caption(args.image_size, device=dev)
+    ours = blip.load(folder, device=dev)
+    px = torch.randn(args.images, 3, args.image_size, args.image_size).to(dev)
     prompt = ours.prompt_ids("a picture of ", args.images)
-    hf_prompt = torch.cat([prompt, torch.full((args.images, 1), 102)], dim=1)
+    hf_prompt = torch.cat([prompt, torch.full((args.images, 1), 102, device=dev)], dim=1)
     modes = {"beam3": dict(num_beams=3), "greedy": dict(num_beams=1),
              "sample": dict(do_sample=True, top_p=0.9, num_beams=1)}
-    result = {"machine": machine(), "images": args.images, "image_size": args.image_size,
+    result = {"machine": machine(args.device), "images": args.images, "image_size": args.image_size,
               "max_length": 20, "min_length": 5, "repeats": args.repeats,
               "short_repeats": args.short_repeats, "targets": {}}
 
@@ -71,7 +76,7 @@ def main() -> None:
 
     # bf16: image encoder bf16, text fp32; bf16-full: every weight. Their beam-3 runs join the fp32 beam-3 rounds
     # (one transformers fp32 series serves all three ratios, which keeps the whole run under 10 minutes).
-    others = {} if args.no_bf16 else {dtype: blip.load(folder, dtype=dtype) for dtype in ("bf16", "bf16-full")}
+    others = {} if args.no_bf16 else {dtype: blip.load(folder, device=dev, dtype=dtype) for dtype in ("bf16", "bf16-full")}
     bf16_sides = {dtype: (lambda other=other: other.generate_ids(px, prompt="a picture of ", max_length=20,
                                                                  min_length=5, num_beams=3)[0])
                   for dtype, other in others.items()}
@@ -99,7 +104,7 @@ def main() -> None:
             with torch.inference_mode():
                 return hf.text_decoder.generate(
                     input_ids=prompt.clone(), eos_token_id=102, pad_token_id=0, encoder_hidden_states=hf_states,
-                    encoder_attention_mask=torch.ones(hf_states.shape[:2], dtype=torch.long), max_length=20,
+                    encoder_attention_mask=torch.ones(hf_states.shape[:2], dtype=torch.long, device=dev), max_length=20,
                     min_length=5, repetition_penalty=1.1 if sample else 1.0, **kw)
 
         def decode_ours():
@@ -151,7 +156,7 @@ def main() -> None:
                 "round_ratios": round_ratios(bf16_times["transformers"], bf16_times[dtype]),
                 "image_embedding_min_cosine_to_fp32": cos.min().item()}
             print(dtype, result["targets"][dtype.replace("-", "_") + "_beam3"], file=sys.stderr)
-    write(args.name, result)
+    write(name, result)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ def scratch_dir(prefix: str = "blip-bench-") -> Path:
     return folder
 
 
-def hf_base_caption(image_size: int = 384, seed: int = 0):
+def hf_base_caption(image_size: int = 384, seed: int = 0, device: str = "cpu"):
     """transformers' BlipForConditionalGeneration with `base` shapes and random weights, saved to a
-    folder our loader reads, so both sides run the very same weights."""
+    folder our loader reads, so both sides run the very same weights; the model is returned on `device`."""
     from transformers import BlipConfig, BlipForConditionalGeneration
     torch.manual_seed(seed)
     cfg = BlipConfig(text_config=dict(num_attention_heads=12, hidden_dropout_prob=0.0,
@@ -36,12 +36,20 @@ def hf_base_caption(image_size: int = 384, seed: int = 0):
     model = BlipForConditionalGeneration(cfg).eval()
     folder = scratch_dir()
     model.save_pretrained(str(folder))
-    return model, folder
+    return model.to(device), folder
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so wall-clock times on CUDA measure the work and not its launch."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def timed(fn, *args, **kwargs):
+    sync()
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)
+    sync()
     return time.perf_counter() - t0, out
 
 
@@ -70,10 +78,12 @@ def paired_ratio(slow: list[float], fast: list[float]) -> float:
     return median([s / f for s, f in zip(slow, fast)])
 
 
-def machine() -> dict:
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "threads": torch.get_num_threads(),
+def machine(device: str = "cpu") -> dict:
+    """Where a result was measured; `cuda` names the card only when the benchmark ran on it."""
+    on_gpu = torch.device(device).type == "cuda"
+    return {"device": device, "python": sys.version.split()[0], "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_device_name(torch.device(device)) if on_gpu else None}
 
 
 def write(name: str, result: dict) -> Path:

@@ -34,7 +34,7 @@ def main() -> None:
     hf = BlipForImageTextRetrieval(cfg).eval()
     folder = scratch_dir()
     hf.save_pretrained(folder)
-    ours = blip.load(folder)
+    ours = blip.load(folder, device="cpu")
     px = torch.randn(1, 3, args.image_size, args.image_size)
     texts = [f"a photo of {i} dogs playing with a red ball on the beach" for i in range(args.texts)]
     ids, mask = ours._texts(texts, 35, None)

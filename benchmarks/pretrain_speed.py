@@ -34,7 +34,7 @@ import blip
 from blip.train.objectives import PretrainObjective, StepInfo
 preset, overrides, batch, bf16, steps = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", int(sys.argv[5])
 torch.manual_seed(0)
-model = blip.create_model(preset, task="pretrain", **overrides)
+model = blip.create_model(preset, task="pretrain", device="cpu", **overrides)
 model.train()
 objective = PretrainObjective(model, queue_size=batch * 8, queue_init="random")  # a full queue, as the official code
 opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)

@@ -12,6 +12,54 @@ def load(name):
     return json.loads(p.read_text()) if p.exists() else None
 
 
+def caption_rows(cap: dict, label: str = "", goals: bool = True) -> list[str]:
+    """Table rows of one caption_speed result (`label` prefixes each row; without goals they read "recorded")."""
+    goal = (lambda g: g) if goals else (lambda g: "recorded")  # noqa: E731
+    rows = []
+    if "image_encoder_ratio" in cap:
+        vit = cap["image_encoder_s"]
+        unit = (lambda x: f"{x * 1e3:.1f} ms") if vit["ours"] < 0.1 else (lambda x: f"{x:.2f} s")  # noqa: E731
+        rows.append(f"| {label}image encoder alone (fp32) | {unit(vit['ours'])} | {unit(vit['transformers'])} | "
+                    f"{cap['image_encoder_ratio']:.2f}x | {goal('(bounds greedy/sample end to end)')} |")
+    for mode, t in cap["targets"].items():
+        if mode.startswith("bf16"):
+            dt = t.get("dtype", "bf16-full" if mode == "bf16_beam3" else "bf16")  # older result files
+            rows.append(f"| {label}captioning beam-3, ours {dt} vs transformers fp32 | "
+                        f"{t.get('ours_images_per_s', 0):.2f} img/s | | "
+                        f"{t['end_to_end_ratio_vs_transformers_fp32']:.2f}x | {goal('>= 3.5x')} |")
+            if "image_embedding_min_cosine_to_fp32" in t:
+                rows.append(f"| {label}{dt} image embedding cosine to fp32 (min) | "
+                            f"{t['image_embedding_min_cosine_to_fp32']:.5f} | | | {goal('>= 0.999')} |")
+            continue
+        rows.append(f"| {label}captioning {mode}, end to end (tokens identical: {t['tokens_identical']}) | "
+                    f"{t['ours_images_per_s']:.2f} img/s | {t['transformers_images_per_s']:.2f} img/s | "
+                    f"{t['end_to_end_ratio']:.2f}x | {goal('>= 1.5x')} |")
+        if "ours_decoding_s" in t:
+            ms = t["ours_decoding_s"] < 1
+            unit = (lambda x: f"{x * 1e3:.0f} ms") if ms else (lambda x: f"{x:.2f} s")  # noqa: E731
+            rows.append(f"| {label}captioning {mode}, decoding part | {unit(t['ours_decoding_s'])} | "
+                        f"{unit(t['transformers_decoding_s'])} | {t['decoding_ratio']:.2f}x | {goal('>= 4x')} |")
+    return rows
+
+
+def cuda_table() -> list[str]:
+    """The same benchmarks run with --device cuda (caption_speed_cuda*.json, vit_roof_cuda.json), if any."""
+    rows = []
+    for path in sorted(R.glob("caption_speed_cuda*.json")):
+        cap = json.loads(path.read_text())
+        rows += caption_rows(cap, label=f"{cap['images']} images, ", goals=False)
+    roof = load("vit_roof_cuda")
+    if roof:
+        for dt, t in roof["targets"].items():
+            rows.append(f"| ViT forward / its matmuls alone ({dt}) | {t['forward_s'] * 1e3:.1f} ms | "
+                        f"{t['matmuls_s'] * 1e3:.1f} ms (matmuls) | {t['ratio']:.2f}x | recorded |")
+    if not rows:
+        return []
+    cards = {json.loads(p.read_text())["machine"].get("cuda") for p in R.glob("*_cuda*.json")}
+    return ["", f"On CUDA ({', '.join(sorted(c for c in cards if c))}):", "",
+            "| measure | ours | transformers | ratio | goal |", "|---|---|---|---|---|", *rows]
+
+
 def main() -> None:
     rows = ["| target | ours | transformers | ratio | goal |", "|---|---|---|---|---|"]
     cap = load("caption_speed")
@@ -20,24 +68,7 @@ def main() -> None:
         cap["targets"] = {k: v for k, v in cap["targets"].items() if not k.startswith("bf16")}
         cap["targets"].update(extra["targets"])
     if cap:
-        if "image_encoder_ratio" in cap:
-            vit = cap["image_encoder_s"]
-            rows.append(f"| image encoder alone (fp32) | {vit['ours']:.2f} s | {vit['transformers']:.2f} s | "
-                        f"{cap['image_encoder_ratio']:.2f}x | (bounds greedy/sample end to end) |")
-        for mode, t in cap["targets"].items():
-            if mode.startswith("bf16"):
-                dt = t.get("dtype", "bf16-full" if mode == "bf16_beam3" else "bf16")  # older result files
-                rows.append(f"| captioning beam-3, ours {dt} vs transformers fp32 | {t.get('ours_images_per_s', 0):.2f} img/s | | "
-                            f"{t['end_to_end_ratio_vs_transformers_fp32']:.2f}x | >= 3.5x |")
-                if "image_embedding_min_cosine_to_fp32" in t:
-                    rows.append(f"| {dt} image embedding cosine to fp32 (min) | {t['image_embedding_min_cosine_to_fp32']:.5f} | | | >= 0.999 |")
-                continue
-            rows.append(f"| captioning {mode}, end to end (tokens identical: {t['tokens_identical']}) | "
-                        f"{t['ours_images_per_s']:.2f} img/s | {t['transformers_images_per_s']:.2f} img/s | "
-                        f"{t['end_to_end_ratio']:.2f}x | >= 1.5x |")
-            if "ours_decoding_s" in t:
-                rows.append(f"| captioning {mode}, decoding part | {t['ours_decoding_s']:.2f} s | "
-                            f"{t['transformers_decoding_s']:.2f} s | {t['decoding_ratio']:.2f}x | >= 4x |")
+        rows += caption_rows(cap)
     one = load("caption_speed_1image")  # --images 1 --name caption_speed_1image: what one photo costs
     if one:
         for mode, t in one["targets"].items():
@@ -72,7 +103,7 @@ def main() -> None:
     load_ = load("load_speed")
     if load_:
         rows.append(f"| load a `base` checkpoint (our format) | {load_['median_s']:.2f} s | | | < 2 s |")
-    print("\n".join(rows))
+    print("\n".join(rows + cuda_table()))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _models_default_to_the_cpu():
+    """The suite checks against references computed on the CPU, so a model loaded without a device stays
+    there even on a machine with a GPU (where blip.load would otherwise pick CUDA); test_cuda.py asks for
+    "cuda" by name."""
+    from blip import factory
+    patch = pytest.MonkeyPatch()
+    patch.setattr(factory, "default_device", lambda device=None: torch.device("cpu" if device is None else device))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def hf_dirs(tmp_path_factory):
     """Tiny transformers BLIP models (caption, retrieval, vqa) saved as folders, with the models."""

@@ -4,6 +4,7 @@ re-implementation of transformers 4.15 beam search, on a tiny random GPT-2 drive
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from blip.generation import GenerationConfig, generate  # noqa: E402
 
+# transformers 5.2x renamed forward's past_key_values to cache; older versions ignore an unknown `cache` keyword
+CACHE_ARG = "cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters else "past_key_values"
 V, EOS, PAD, BOS = 48, 2, 1, 3
 B, P = 6, 4
 
@@ -66,7 +69,7 @@ class GPT2State:
             self.items = torch.arange(R)
         assert R == self.items.numel(), "fed a number of rows different from the state's rows"
         mask = torch.ones(R, self.length + t, dtype=torch.long)
-        out = self.model(input_ids=input_ids, cache=self.cache, attention_mask=mask, use_cache=True)
+        out = self.model(input_ids=input_ids, attention_mask=mask, use_cache=True, **{CACHE_ARG: self.cache})
         self.length += t
         self.rows_fed += R
         self.calls += 1

@@ -236,6 +236,9 @@ def _greedy_or_sample(
     logits = _step(state, input_ids, B)
     _check_vocab(cfg, logits.shape[-1])
     device = logits.device
+    if cfg.do_sample and generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device.type} but the model runs on {device.type}: "
+                         f"pass torch.Generator(device={device.type!r})")
     seqs = torch.full((B, cfg.max_length), cfg.pad_token_id, dtype=torch.long, device=device)
     seqs[:, :P] = input_ids.to(device)
     rows = torch.arange(B, device=device)  # original index of each state row
