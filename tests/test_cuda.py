@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import blip
-from blip.generation import GenerationConfig, generate
-from test_fast_paths import PlainState
+from test_fast_paths import DECODING_CASES, check_cached_equals_plain
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 TOL = 1e-3
@@ -43,21 +42,10 @@ def test_caption_model_on_cuda_matches_the_cpu(hf_dirs):
 
 
 @pytest.mark.parametrize("absorb", [False, True])
-@pytest.mark.parametrize("cfg", [dict(num_beams=1), dict(num_beams=3),
-                                 dict(num_beams=3, length_normalization="generated"),
-                                 dict(do_sample=True, top_p=0.9, repetition_penalty=1.1)])
+@pytest.mark.parametrize("cfg", DECODING_CASES)
 def test_cached_decoding_on_cuda_equals_plain_recompute(hf_dirs, cfg, absorb):
     model = blip.load(hf_dirs["caption"][0], device="cuda")
-    with torch.inference_mode():
-        states = model.visual_encoder(_pixels(5).cuda())
-        prompt = model.prompt_ids("a picture of ", 5)
-        gc = GenerationConfig(max_length=14, min_length=6, **cfg)
-        torch.manual_seed(1)
-        fast = generate(model.text_decoder.start(states, absorb=absorb), prompt, gc)
-        torch.manual_seed(1)
-        plain = generate(PlainState(model.text_decoder, states), prompt, gc, prune=False)
-    assert fast.is_cuda and torch.equal(fast, plain)
-    assert (fast == 102).any()
+    assert check_cached_equals_plain(model, _pixels(5), cfg, absorb).is_cuda
 
 
 def test_cuda_decodes_through_projected_cross_attention(hf_dirs):
