@@ -76,7 +76,8 @@ def main() -> None:
 
     # bf16: image encoder bf16, text fp32; bf16-full: every weight. Their beam-3 runs join the fp32 beam-3 rounds
     # (one transformers fp32 series serves all three ratios, which keeps the whole run under 10 minutes).
-    others = {} if args.no_bf16 else {dtype: blip.load(folder, device=dev, dtype=dtype) for dtype in ("bf16", "bf16-full")}
+    others = {} if args.no_bf16 else {dtype: blip.load(folder, device=dev, dtype=dtype)
+                                      for dtype in ("bf16", "bf16-full")}
     bf16_sides = {dtype: (lambda other=other: other.generate_ids(px, prompt="a picture of ", max_length=20,
                                                                  min_length=5, num_beams=3)[0])
                   for dtype, other in others.items()}
@@ -104,8 +105,8 @@ def main() -> None:
             with torch.inference_mode():
                 return hf.text_decoder.generate(
                     input_ids=prompt.clone(), eos_token_id=102, pad_token_id=0, encoder_hidden_states=hf_states,
-                    encoder_attention_mask=torch.ones(hf_states.shape[:2], dtype=torch.long, device=dev), max_length=20,
-                    min_length=5, repetition_penalty=1.1 if sample else 1.0, **kw)
+                    encoder_attention_mask=torch.ones(hf_states.shape[:2], dtype=torch.long, device=dev),
+                    max_length=20, min_length=5, repetition_penalty=1.1 if sample else 1.0, **kw)
 
         def decode_ours():
             torch.manual_seed(0)

@@ -81,8 +81,9 @@ def paired_ratio(slow: list[float], fast: list[float]) -> float:
 def machine(device: str = "cpu") -> dict:
     """Where a result was measured; `cuda` names the card only when the benchmark ran on it."""
     on_gpu = torch.device(device).type == "cuda"
-    return {"device": device, "python": sys.version.split()[0], "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    return {"device": device, "python": sys.version.split()[0], "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
             "cuda": torch.cuda.get_device_name(torch.device(device)) if on_gpu else None}
 
 
