@@ -10,12 +10,13 @@ torch.set_num_threads(2)
 
 @pytest.fixture(autouse=True, scope="session")
 def _models_default_to_the_cpu():
-    """The suite checks against references computed on the CPU, so a model loaded without a device stays
-    there even on a machine with a GPU (where blip.load would otherwise pick CUDA); test_cuda.py asks for
-    "cuda" by name."""
+    """The suite checks against references computed on the CPU, so a model loaded (or a training run started)
+    without a device stays there even on a machine with a GPU, where it would otherwise pick CUDA;
+    test_cuda.py asks for "cuda" by name."""
     from blip import factory
     patch = pytest.MonkeyPatch()
-    patch.setattr(factory, "default_device", lambda device=None: torch.device("cpu" if device is None else device))
+    original = factory.default_device
+    patch.setattr(factory, "default_device", lambda device=None: original("cpu" if device is None else device))
     yield
     patch.undo()
 

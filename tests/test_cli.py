@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from blip.cli import main
@@ -75,3 +76,11 @@ def test_match_vqa_embed_info(hf_dirs, images, capsys, tmp_path):
 def test_vqa_on_caption_checkpoint_errors(hf_dirs, images, capsys):
     rc = main(["vqa", str(images / "ok0.png"), "--question", "what?", "--model", str(hf_dirs["caption"][0])])
     assert rc == 2 and "needs a VQA checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:{n}"])
+def test_missing_device_is_one_line_error(hf_dirs, images, capsys, device):
+    device = device.format(n=torch.cuda.device_count())  # one past the last GPU
+    rc = main(["caption", str(images / "ok0.png"), "--model", str(hf_dirs["caption"][0]), "--device", device])
+    err = capsys.readouterr().err
+    assert rc == 2 and device in err and err.count("blip: error:") == 1 and "Traceback" not in err

@@ -181,3 +181,19 @@ def test_create_model_tasks_have_their_parts():
     assert m.text_decoder.cls.predictions.decoder.weight is m.text_decoder.bert.embeddings.word_embeddings.weight
     out = m.caption(torch.randn(2, 3, 64, 64), num_beams=2, max_length=8)
     assert len(out) == 2
+
+
+def test_missing_or_unknown_device_is_a_clear_error(hf_dirs, tmp_path):
+    absent = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: none on a CPU-only machine
+    with pytest.raises(ValueError, match="asked for"):
+        blip.create_model("tiny", task="caption", device=absent)
+    with pytest.raises(ValueError, match="asked for"):
+        blip.load(hf_dirs["caption"][0], device=absent)
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        blip.load(hf_dirs["caption"][0], device="gpu")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        blip.load("/no/such/checkpoint", dtype="bf17")  # checked before the weights are looked for
+    from blip.train.config import TrainConfig
+    from blip.train.loop import Trainer
+    with pytest.raises(ValueError, match="asked for"):
+        Trainer(TrainConfig.load(None, ["model=tiny", "synthetic_pairs=4", f"device={absent}"]), tmp_path)

@@ -30,9 +30,24 @@ def parse_dtype(dtype) -> torch.dtype | None:
 
 
 def default_device(device=None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`device` as a torch.device, CUDA when present for None. A device this machine lacks (or a misspelt
+    one) is a ValueError naming it here, not an AssertionError from deep inside `.to()`."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; expected cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = "a CPU-only PyTorch build" if torch.version.cuda is None else "no CUDA device visible"
+            raise ValueError(f"device {device!r} asked for, but this machine has none ({build})")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device!r} asked for, but only {count} CUDA device(s) are visible")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} asked for, but MPS is not available here")
+    return dev
 
 
 def _place(model: Blip, device, dtype) -> Blip:
@@ -69,6 +84,9 @@ def load(name_or_path, task: str | None = None, config: BlipConfig | str | dict 
     bf16, the text side fp32: captions match fp32); "bf16-full" or torch.bfloat16 (every weight in bf16:
     fastest, least memory, near-tie tokens may differ); "fp16".
     """
+    device = default_device(device)  # a missing device or an unknown dtype fails before the weights are read
+    if dtype not in MIXED:
+        parse_dtype(dtype)
     if isinstance(name_or_path, str) and name_or_path in PRESETS:
         raise CheckpointError(f"{name_or_path!r} is a preset, not a checkpoint: "
                               f"use blip.create_model({name_or_path!r}) for random weights")

@@ -6,6 +6,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from blip import factory
+
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -26,15 +28,14 @@ def is_main() -> bool:
 def setup(device: str | None = None) -> torch.device:
     """Join the process group when torchrun set RANK/WORLD_SIZE (gloo on CPU, nccl on CUDA) and
     return this process's device."""
-    use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    dev = factory.default_device(device)  # CUDA when present; checks that an asked-for device exists
+    use_cuda = dev.type == "cuda"
     local = int(os.environ.get("LOCAL_RANK", 0))
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_dist():
         if use_cuda:
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    if not use_cuda:
-        return torch.device("cpu")
-    return torch.device("cuda", local) if device in (None, "cuda") else torch.device(device)
+    return torch.device("cuda", local) if use_cuda and dev.index is None else dev
 
 
 def cleanup() -> None:
