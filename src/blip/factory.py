@@ -64,6 +64,7 @@ def _place(model: Blip, device, dtype) -> Blip:
 def create_model(config: BlipConfig | str = "base", task: str | None = None, device=None, dtype=None,
                  **overrides) -> Blip:
     """A randomly initialised model from a preset name or a config, e.g. create_model("tiny", "caption")."""
+    device = default_device(device)  # fails before building a model it could not place
     if isinstance(config, str):
         config = get_config(config)
     if task:
