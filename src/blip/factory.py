@@ -13,7 +13,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16-full": torch.bf
 # "bf16" is a policy, not one dtype: the image encoder (most of the compute, and 5x faster in bf16 on
 # AMX CPUs) in bf16, the text side in fp32. Decoding is argmax-sensitive: in bf16 it changed 21-36% of
 # the captions of trained synthetic models; with the text side in fp32, 99.5-100% are token-identical
-# to fp32 (benchmarks/bf16_quality.py), at 3.6-5.7x transformers' fp32 speed against 5.7-9.1x for all-bf16.
+# to fp32 (benchmarks/bf16_quality.py), at 3.6-5.7x transformers' fp32 speed against 5.0-9.1x for all-bf16.
 MIXED = {"bf16", "bf16-vision"}
 DTYPE_NAMES = ["fp32", "bf16", "bf16-full", "fp16"]
 
