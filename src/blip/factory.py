@@ -50,8 +50,9 @@ def default_device(device=None) -> torch.device:
     return dev
 
 
-def _place(model: Blip, device, dtype) -> Blip:
-    model = model.to(default_device(device))
+def _place(model: Blip, device: torch.device, dtype) -> Blip:
+    """The model on `device` (already checked by `default_device`) in `dtype`, in eval mode."""
+    model = model.to(device)
     if dtype in MIXED:
         model.visual_encoder.to(torch.bfloat16)
         return model.eval()
@@ -86,8 +87,7 @@ def load(name_or_path, task: str | None = None, config: BlipConfig | str | dict 
     fastest, least memory, near-tie tokens may differ); "fp16".
     """
     device = default_device(device)  # a missing device or an unknown dtype fails before the weights are read
-    if dtype not in MIXED:
-        parse_dtype(dtype)
+    parse_dtype(dtype)
     if isinstance(name_or_path, str) and name_or_path in PRESETS:
         raise CheckpointError(f"{name_or_path!r} is a preset, not a checkpoint: "
                               f"use blip.create_model({name_or_path!r}) for random weights")
