@@ -103,6 +103,19 @@ def main() -> None:
     load_ = load("load_speed")
     if load_:
         rows.append(f"| load a `base` checkpoint (our format) | {load_['median_s']:.2f} s | | | < 2 s |")
+    pipe = load("image_pipeline")
+    if pipe:
+        d = pipe["decode"]
+        rows.append(f"| decode + resize 12-MP JPEGs, one thread (pixels identical: "
+                    f"{d['max_abs_pixel_difference'] == 0}) | {d['ours_1_thread_images_per_s']:.1f} img/s | "
+                    f"{d['transformers_images_per_s']:.1f} img/s | {d['ours_1_thread_vs_transformers']:.2f}x | recorded |")
+        rows.append(f"| decode + resize 12-MP JPEGs, {pipe['threads']} threads | {d['ours_threads_images_per_s']:.1f} img/s | "
+                    f"{d['transformers_images_per_s']:.1f} img/s | {d['ours_threads_vs_transformers']:.2f}x | recorded |")
+        if "caption" in pipe:
+            c = pipe["caption"]
+            rows.append(f"| caption {pipe['images']} photos (greedy), decoding threads vs none | "
+                        f"{c['threads_images_per_s']:.2f} img/s | {c['serial_images_per_s']:.2f} img/s (none) | "
+                        f"{c['threads_speedup']:.2f}x | recorded |")
     print("\n".join(rows + cuda_table()))
 
 

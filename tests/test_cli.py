@@ -84,3 +84,29 @@ def test_missing_device_is_one_line_error(hf_dirs, images, capsys, device):
     rc = main(["caption", str(images / "ok0.png"), "--model", str(hf_dirs["caption"][0]), "--device", device])
     err = capsys.readouterr().err
     assert rc == 2 and device in err and err.count("blip: error:") == 1 and "Traceback" not in err
+
+
+def test_caption_and_embed_same_with_or_without_decoding_threads(hf_dirs, images, capsys):
+    outs = {}
+    for workers in ("0", "3"):
+        args = ["--model", str(hf_dirs["caption"][0]), "--json", "--batch-size", "2", "--workers", workers]
+        rc = main(["caption", str(images), "--max-length", "8", *args])
+        outs[workers] = capsys.readouterr().out
+        assert rc == 1  # the two bad files are skipped either way
+    assert outs["0"] == outs["3"] and len(outs["0"].splitlines()) == 3
+    embeds = {}
+    for workers in ("0", "2"):
+        assert main(["embed", str(images / "ok*.png"), "--model", str(hf_dirs["retrieval"][0]),
+                     "--batch-size", "2", "--workers", workers]) == 0
+        embeds[workers] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["image"] for r in embeds["0"]] == [r["image"] for r in embeds["2"]] and len(embeds["0"]) == 3
+    for a, b in zip(embeds["0"], embeds["2"]):
+        assert torch.equal(torch.tensor(a["embedding"]), torch.tensor(b["embedding"]))
+
+
+@pytest.mark.parametrize("flag", [["--batch-size", "0"], ["--workers", "-1"], ["--batch-size", "two"]])
+def test_bad_batching_numbers_are_refused(hf_dirs, images, capsys, flag):
+    with pytest.raises(SystemExit) as e:
+        main(["caption", str(images / "ok0.png"), "--model", str(hf_dirs["caption"][0]), *flag])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and flag[0] in err and "Traceback" not in err

@@ -19,6 +19,8 @@ from blip.transform import (
     ImageError,
     RandomAugment,
     TrainTransform,
+    image_batches,
+    iter_images,
     load_image,
     normalize,
     prepare_images,
@@ -539,6 +541,76 @@ def test_prepare_images_from_sources(tmp_path):
         prepare_images([a, tmp_path / "bad.jpg"], 32)
     with pytest.raises(ImageError):
         prepare_images([], 32)
+
+
+def _sources(tmp_path):
+    """A slow first item (a large PNG), then quick ones, a bad file, a tensor and a PIL image."""
+    Image.fromarray(noise(1500, 2000, seed=3)).save(tmp_path / "big.png")
+    items = [tmp_path / "big.png"]
+    for i in range(5):
+        Image.fromarray(noise(30 + i, 40, seed=10 + i)).save(tmp_path / f"s{i}.png")
+        items.append(str(tmp_path / f"s{i}.png"))
+    (tmp_path / "bad.jpg").write_text("not a picture")
+    items.insert(3, tmp_path / "bad.jpg")
+    items.append(torch.randn(3, 32, 32))
+    items.append(Image.fromarray(noise(20, 20, seed=99)))
+    return items
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_iter_images_threads_keep_order_and_values(tmp_path, workers):
+    items = _sources(tmp_path)
+    serial = list(iter_images(items, 32, workers=0))
+    threaded = list(iter_images(items, 32, workers=workers, ahead=4))
+    assert [i for i, _ in threaded] == list(range(len(items)))
+    for (_, a), (_, b), item in zip(serial, threaded, items):
+        if isinstance(a, ImageError):
+            assert isinstance(b, ImageError) and str(a) == str(b) and "bad.jpg" in str(b)
+        else:
+            assert torch.equal(a, b) and b.shape == (3, 32, 32)
+            if isinstance(item, torch.Tensor):
+                assert torch.equal(b, item)
+            else:
+                torch.testing.assert_close(b, EvalTransform(32)(item), rtol=0, atol=0)
+    assert sum(isinstance(b, ImageError) for _, b in threaded) == 1
+
+
+def test_iter_images_repeated_lazy_image_and_file_object(tmp_path):
+    Image.fromarray(noise(600, 800, seed=5)).save(tmp_path / "a.jpg", quality=90)
+    expected = EvalTransform(32)(tmp_path / "a.jpg")
+    lazy = Image.open(tmp_path / "a.jpg")  # not decoded yet: every thread would read the same file
+    with open(tmp_path / "a.jpg", "rb") as fp:
+        shared_fp = io.BytesIO(fp.read())
+    out = list(iter_images([lazy] * 6, 32, workers=4, ahead=6))
+    assert all(torch.equal(x, expected) for _, x in out)
+    out = list(iter_images([shared_fp] + [tmp_path / "a.jpg"] * 3, 32, workers=4))
+    assert all(torch.equal(x, expected) for _, x in out)
+
+
+def test_iter_images_stopped_early_leaves_no_threads(tmp_path):
+    import threading
+    items = [Image.fromarray(noise(200, 200, seed=i)) for i in range(40)]
+    it = iter_images(items, 32, workers=2, ahead=8)
+    first = [next(it) for _ in range(3)]
+    assert [i for i, _ in first] == [0, 1, 2]
+    it.close()  # the caller breaks out: queued work is dropped, the pool is shut down
+    assert not [t for t in threading.enumerate() if t.name.startswith("blip-image")]
+
+
+def test_image_batches_sizes_and_global_error_index(tmp_path):
+    items = [Image.fromarray(noise(20, 30, seed=i)) for i in range(7)]
+    batches = list(image_batches(items, 16, 3, workers=2))
+    assert [b.shape[0] for b in batches] == [3, 3, 1]
+    torch.testing.assert_close(torch.cat(batches), prepare_images(items, 16, workers=0), rtol=0, atol=0)
+    x = torch.randn(5, 3, 16, 16)
+    assert [b.shape[0] for b in image_batches(x, 16, 2)] == [2, 2, 1]
+    (tmp_path / "bad.jpg").write_text("nope")
+    with pytest.raises(ImageError, match=r"images\[5\].*bad\.jpg"):
+        list(image_batches(items[:5] + [tmp_path / "bad.jpg"], 16, 2, workers=2))
+    with pytest.raises(ValueError):
+        list(image_batches(items, 16, 0))
+    with pytest.raises(ImageError):
+        list(image_batches([], 16, 2))
 
 
 def test_train_transform_without_flip_never_mirrors():

@@ -54,19 +54,20 @@ def _model(args, task: str):
     return blip.load(name, task=args.task, device=args.device, dtype=args.dtype)
 
 
-def _batches(paths: list[str], size: int, progress: bool):
-    """Yield (paths, PIL images) batches of decodable images; report and skip the others."""
-    from blip.transform import ImageError, load_image
+def _batches(paths: list[str], size: int, image_size: int, workers: int | None, progress: bool):
+    """Yield lists of (path, normalised image tensor) of `size` readable images; report and skip the
+    others. Images decode in `workers` threads, the next batch while the model runs on this one."""
+    from blip.transform import ImageError, iter_images
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(paths), unit="img", file=sys.stderr)
     batch: list = []
-    for path in paths:
-        try:
-            batch.append((path, load_image(path)))
-        except ImageError as e:
-            print(f"blip: error: {e}", file=sys.stderr)
+    for i, x in iter_images(paths, image_size, workers=workers, ahead=2 * size):
+        if isinstance(x, ImageError):
+            print(f"blip: error: {x}", file=sys.stderr)
+        else:
+            batch.append((paths[i], x))
         if len(batch) == size:
             yield batch
             batch = []
@@ -96,7 +97,8 @@ def cmd_caption(args) -> int:
         import torch
         torch.manual_seed(args.seed)
     done = 0
-    for batch in _batches(paths, args.batch_size, progress=len(paths) > 8 and not args.quiet):
+    for batch in _batches(paths, args.batch_size, model.config.vision.image_size, args.workers,
+                          progress=len(paths) > 8 and not args.quiet):
         results = model.caption([img for _, img in batch], batch_size=args.batch_size, return_ids=True, **kw)
         for (path, _), res in zip(batch, results):
             _emit(args, {"image": path, **res}, f"{path}\t{res['caption']}")
@@ -162,7 +164,8 @@ def cmd_embed(args) -> int:
     if args.images:
         paths = expand_images(args.images)
         total = len(paths)
-        for batch in _batches(paths, args.batch_size, progress=len(paths) > 8 and not args.quiet):
+        for batch in _batches(paths, args.batch_size, model.config.vision.image_size, args.workers,
+                              progress=len(paths) > 8 and not args.quiet):
             emb = model.embed_images([img for _, img in batch])
             for (path, _), vec in zip(batch, emb.float().cpu()):
                 rows.append({"image": path, "embedding": vec.tolist()})
@@ -216,6 +219,19 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _count(least: int):
+    """An argparse type: an integer >= least."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="blip", description="BLIP captioning, matching, VQA and embeddings")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -233,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="one JSON object per line")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    def batching(p):
+        p.add_argument("--batch-size", type=_count(1), default=16)
+        p.add_argument("--workers", type=_count(0), default=None,
+                       help="threads decoding images ahead of the model (default: up to 8; 0: none)")
+
     p = sub.add_parser("caption", help="caption images")
     p.add_argument("images", nargs="+", help="image files, folders or globs")
     common(p)
@@ -245,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="decoder prompt (default 'a picture of ')")
     p.add_argument("--length-normalization", choices=["full", "generated"], default="full",
                    help="beam scores over the whole sequence (official) or generated tokens (transformers)")
-    p.add_argument("--batch-size", type=int, default=16)
+    batching(p)
     p.add_argument("--seed", type=int, help="random seed for --sample")
     p.set_defaults(func=cmd_caption)
 
@@ -267,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="image and/or text embeddings as JSON lines")
     p.add_argument("images", nargs="*")
     p.add_argument("--text", "-t", nargs="+")
-    p.add_argument("--batch-size", type=int, default=16)
+    batching(p)
     common(p)
     p.set_defaults(func=cmd_embed)
 

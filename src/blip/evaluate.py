@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from .tokenizer import ENC_ID
+from .transform import image_batches
 
 
 def load_retrieval_annotation(path: str | Path, image_root: str | Path | None = None):
@@ -37,8 +38,9 @@ def retrieval_scores(model, images, texts, batch_size: int = 32, k_test: int = 0
     """(image x text) score matrix: ITC cosine, or ITM logit + cosine for each image's top-k_test texts
     and each text's top-k_test images (two matrices then: i2t and t2i, as the official code)."""
     image_states, image_feats = [], []
-    for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc="images"):
-        states = model.encode_image(images[start:start + batch_size])
+    batches = image_batches(images, model.config.vision.image_size, batch_size)  # decoded ahead, in threads
+    for batch in tqdm(batches, total=-(-len(images) // batch_size), disable=not progress, desc="images"):
+        states = model.encode_image(batch)
         image_feats.append(torch.nn.functional.normalize(model.vision_proj(states[:, 0]).float(), dim=-1))
         if k_test:
             image_states.append(states.cpu())

@@ -20,7 +20,7 @@ from .config import BlipConfig
 from .generation import GenerationConfig, generate
 from .med import TextDecoder, TextTransformer, init_bert_weights
 from .tokenizer import DEC_ID, ENC_ID, SEP_ID, get_tokenizer, pre_caption, pre_question
-from .transform import prepare_images
+from .transform import image_batches, prepare_images
 from .vit import VisionTransformer
 
 PARTS = {
@@ -208,15 +208,17 @@ class Blip(nn.Module):
         ids = generate(self.text_decoder.start(image_states, absorb=absorb), input_ids, cfg, generator=generator)
         return ids, input_ids.shape[1]
 
-    def caption(self, images, *, batch_size: int = 16, return_ids: bool = False, progress: bool = False, **kwargs):
+    def caption(self, images, *, batch_size: int = 16, return_ids: bool = False, progress: bool = False,
+                workers: int | None = None, **kwargs):
         """Captions for paths / PIL images / a normalised tensor. kwargs: prompt, num_beams (3),
         max_length (20), min_length (5), sample, top_p (0.9), top_k, repetition_penalty,
         length_normalization ("full" = official, "generated" = current transformers), generator.
+        Images decode in `workers` threads (default: up to 8; 0: none) while the previous batch runs.
         Returns strings, or dicts {"caption", "ids"} with return_ids."""
-        items = _as_batch(images)
+        total = len(_as_batch(images))
+        batches = image_batches(images, self.config.vision.image_size, batch_size, workers=workers)
         out = []
-        for start in _progress(range(0, len(items), batch_size), progress, len(items), batch_size):
-            chunk = items[start:start + batch_size]
+        for chunk in _progress(batches, progress, total, batch_size):
             ids, plen = self.generate_ids(chunk, **kwargs)
             for row in ids:
                 gen = row[plen:]
@@ -291,4 +293,4 @@ def _progress(it, enabled: bool, total_items: int, batch_size: int):
     if not enabled:
         return it
     from tqdm import tqdm
-    return tqdm(it, total=len(it), unit="batch", desc=f"{total_items} images", leave=False)
+    return tqdm(it, total=-(-total_items // batch_size), unit="batch", desc=f"{total_items} images", leave=False)

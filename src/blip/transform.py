@@ -8,7 +8,7 @@ Read top to bottom:
   4. EvalTransform (square bicubic resize, as the official BLIP eval pipeline)
   5. random_resized_crop_params + TrainTransform (RandomResizedCrop, flip, RandomAugment)
   6. RandomAugment: the official BLIP cv2 augmentation re-done in numpy
-  7. prepare_images: a batch for the model
+  7. iter_images / prepare_images: batches for the model, decoded in threads
 
 All randomness goes through an explicit numpy Generator, so a seed reproduces a
 training sample exactly and nothing touches global RNG state.
@@ -622,14 +622,74 @@ class RandomAugment:
 # -----------------------------------------------------------------------------
 # batching
 
-def prepare_images(images, image_size, device=None, dtype=None):
+def default_workers():
+    """Threads that decode images: Pillow releases the GIL while it decodes and resizes, so a
+    12-megapixel JPEG (~235 ms here) decodes ~2x faster on 2 threads; capped at 8."""
+    return min(8, os.cpu_count() or 1)
+
+
+def _prepared(transform, item, lock=None):
+    """One normalised (3,s,s) float32 tensor, or the ImageError that says why not (returned, not
+    raised, so that a caller can skip a bad image and keep the others). `lock` serialises threads
+    on an object that may appear more than once (a lazily opened PIL image or a file object
+    decodes from one shared file position)."""
+    if lock is not None:
+        with lock:
+            return _prepared(transform, item)
+    if isinstance(item, torch.Tensor):
+        if item.dim() != 3 or item.shape[0] != 3 or not item.is_floating_point():
+            return ImageError(f"tensor must be float (3,H,W), got {item.dtype} {tuple(item.shape)}")
+        return item.to(dtype=torch.float32, device="cpu")
+    try:
+        return transform(item)
+    except ImageError as e:
+        return e
+
+
+def iter_images(items, image_size, *, workers=None, ahead=32):
+    """Yield (index, tensor or ImageError) for each item, in order, each through EvalTransform
+    (float (3,H,W) tensors pass through). Decoding runs in `workers` threads (None: default_workers(),
+    0: in the caller's thread), up to `ahead` items beyond the one the caller holds, so the next
+    batch decodes while the model runs on this one; a GPU otherwise waits on one CPU thread's JPEG
+    decoding (4 images/s for 12-megapixel photos here)."""
+    transform = EvalTransform(image_size)
+    workers = default_workers() if workers is None else int(workers)
+    if workers <= 0:
+        for i, item in enumerate(items):
+            yield i, _prepared(transform, item)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="blip-image")
+    pending = deque()
+    source = enumerate(items)
+    locks = {}  # id -> Lock for stateful items (PIL images, file objects), which a list may repeat
+    try:
+        while True:
+            while len(pending) < max(1, ahead):
+                nxt = next(source, None)
+                if nxt is None:
+                    break
+                i, item = nxt
+                shared = isinstance(item, Image.Image) or hasattr(item, "read")
+                lock = locks.setdefault(id(item), threading.Lock()) if shared else None
+                pending.append((i, pool.submit(_prepared, transform, item, lock)))
+            if not pending:
+                return
+            i, future = pending.popleft()
+            yield i, future.result()
+    finally:  # also when the caller stops early: drop what was queued, wait for what is running
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def prepare_images(images, image_size, device=None, dtype=None, workers=None):
     """Turn what a user hands the model into a normalised (B,3,s,s) batch.
 
     images: a list/tuple of paths / PIL images / bytes / file objects (each through
-    EvalTransform), a single such item, or an already-normalised float tensor
-    (3,H,W) or (B,3,H,W) which is passed through untouched apart from device/dtype
-    (its H,W may differ from image_size: the ViT interpolates its position embedding).
-    Raises ImageError for a bad entry, naming it and its index."""
+    EvalTransform, decoded in `workers` threads as iter_images does), a single such item, or an
+    already-normalised float tensor (3,H,W) or (B,3,H,W) which is passed through untouched apart
+    from device/dtype (its H,W may differ from image_size: the ViT interpolates its position
+    embedding). Raises ImageError for a bad entry, naming it and its index."""
     if isinstance(images, torch.Tensor):
         x = images
         if x.dim() == 3:
@@ -643,18 +703,47 @@ def prepare_images(images, image_size, device=None, dtype=None):
         images = [images]
     if len(images) == 0:
         raise ImageError("prepare_images got an empty list of images")
-    transform = EvalTransform(image_size)
+    if all(isinstance(item, torch.Tensor) for item in images) or len(images) == 1:
+        workers = 0  # nothing to decode in parallel
     out = []
-    for i, item in enumerate(images):
-        if isinstance(item, torch.Tensor):
-            if item.dim() != 3 or item.shape[0] != 3 or not item.is_floating_point():
-                raise ImageError(f"images[{i}]: tensor must be float (3,H,W), got {item.dtype} {tuple(item.shape)}")
-            out.append(item.to(dtype=torch.float32, device="cpu"))
-            continue
-        try:
-            out.append(transform(item))
-        except ImageError as e:
-            raise ImageError(f"images[{i}]: {e}") from None
-    if len({tuple(t.shape) for t in out}) != 1:
-        raise ImageError(f"images have different sizes: {sorted({tuple(t.shape) for t in out})}")
-    return torch.stack(out).to(device=device, dtype=dtype)
+    for i, x in iter_images(images, image_size, workers=workers, ahead=len(images)):
+        if isinstance(x, ImageError):
+            raise ImageError(f"images[{i}]: {x}") from None
+        out.append(x)
+    return stack_images(out, device=device, dtype=dtype)
+
+
+def stack_images(tensors, device=None, dtype=None):
+    """(3,H,W) tensors of one size -> a (B,3,H,W) batch on device/dtype."""
+    if len({tuple(t.shape) for t in tensors}) != 1:
+        raise ImageError(f"images have different sizes: {sorted({tuple(t.shape) for t in tensors})}")
+    return torch.stack(tensors).to(device=device, dtype=dtype)
+
+
+def image_batches(images, image_size, batch_size, *, workers=None):
+    """(B,3,s,s) float32 CPU batches of at most `batch_size`, in order, from anything prepare_images
+    takes; with `workers` threads the next batch decodes while the caller works on this one.
+    Raises ImageError naming the index of a bad entry."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(images, torch.Tensor):
+        x = prepare_images(images, image_size)
+        for start in range(0, x.shape[0], batch_size):
+            yield x[start:start + batch_size]
+        return
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    if len(images) == 0:
+        raise ImageError("got an empty list of images")
+    if all(isinstance(item, torch.Tensor) for item in images):
+        workers = 0  # nothing to decode
+    chunk = []
+    for i, x in iter_images(images, image_size, workers=workers, ahead=2 * batch_size):
+        if isinstance(x, ImageError):
+            raise ImageError(f"images[{i}]: {x}") from None
+        chunk.append(x)
+        if len(chunk) == batch_size:
+            yield stack_images(chunk)
+            chunk = []
+    if chunk:
+        yield stack_images(chunk)
