@@ -9,12 +9,17 @@ Writes benchmarks/results/caption_speed.json (caption_speed_cuda.json with --dev
 the GPU, the card's name recorded).
 
     python benchmarks/caption_speed.py [--images 8] [--repeats 3] [--short-repeats 4] [--device cpu]
-                                       [--modes beam3,greedy,sample] [--no-bf16]
+                                       [--modes beam3,greedy,sample] [--no-bf16] [--budget-minutes 8]
+
+A full run takes ~8 minutes on this 2-core VM. On a slow hour, rounds that would end past
+--budget-minutes are dropped (each series keeps at least 2), to keep the run under 10 minutes; the
+results list every round that ran.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -38,7 +43,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (both sides run there)")
     ap.add_argument("--name", help="results file name (benchmarks/results/NAME.json; default caption_speed, "
                                    "or caption_speed_cuda on a GPU)")
+    ap.add_argument("--budget-minutes", type=float, default=8.0,
+                    help="after this, each remaining series runs its minimum of 2 rounds")
     args = ap.parse_args()
+    started = time.perf_counter()
+    deadline = started + 60 * args.budget_minutes
     dev = torch.device(args.device)
     name = args.name or ("caption_speed" if dev.type == "cpu" else f"caption_speed_{dev.type}")
 
@@ -52,7 +61,7 @@ def main() -> None:
              "sample": dict(do_sample=True, top_p=0.9, num_beams=1)}
     result = {"machine": machine(args.device), "images": args.images, "image_size": args.image_size,
               "max_length": 20, "min_length": 5, "repeats": args.repeats,
-              "short_repeats": args.short_repeats, "targets": {}}
+              "short_repeats": args.short_repeats, "budget_minutes": args.budget_minutes, "targets": {}}
 
     def hf_caption(kw: dict):
         """transformers' end-to-end captioning for one of `modes` (sampling with repetition penalty 1.1)."""
@@ -70,7 +79,7 @@ def main() -> None:
     def our_vit():
         return ours.encode_image(px)
 
-    vit = interleave({"transformers": hf_vit, "ours": our_vit}, args.short_repeats)
+    vit = interleave({"transformers": hf_vit, "ours": our_vit}, args.short_repeats, deadline)
     result["image_encoder_s"] = {k: median(v) for k, v in vit.items()}
     result["image_encoder_ratio"] = paired_ratio(vit["transformers"], vit["ours"])
 
@@ -125,11 +134,11 @@ def main() -> None:
         sides = {"transformers": run_hf, "ours": run_ours}
         if mode == "beam3":
             sides.update(bf16_sides)
-        t = interleave(sides, repeats)
+        t = interleave(sides, repeats, deadline)
         if mode == "beam3" and bf16_sides:
             bf16_times = t
         hf_s, our_s = median(t["transformers"]), median(t["ours"])
-        d = interleave({"transformers": decode_hf, "ours": decode_ours}, repeats)
+        d = interleave({"transformers": decode_hf, "ours": decode_ours}, repeats, deadline)
         hf_dec, our_dec = median(d["transformers"]), median(d["ours"])
         result["targets"][mode] = {
             "transformers_images_per_s": args.images / hf_s, "ours_images_per_s": args.images / our_s,
@@ -146,7 +155,8 @@ def main() -> None:
 
     if bf16_sides:
         if bf16_times is None:  # beam 3 was not among --modes: a transformers fp32 beam-3 series of its own
-            bf16_times = interleave({"transformers": hf_caption(modes["beam3"]), **bf16_sides}, args.repeats)
+            bf16_times = interleave({"transformers": hf_caption(modes["beam3"]), **bf16_sides}, args.repeats,
+                                    deadline)
         emb32 = ours.embed_images(px, project=False).float()
         for dtype, other in others.items():
             cos = torch.nn.functional.cosine_similarity(emb32, other.embed_images(px, project=False).float(), dim=-1)
@@ -157,6 +167,7 @@ def main() -> None:
                 "round_ratios": round_ratios(bf16_times["transformers"], bf16_times[dtype]),
                 "image_embedding_min_cosine_to_fp32": cos.min().item()}
             print(dtype, result["targets"][dtype.replace("-", "_") + "_beam3"], file=sys.stderr)
+    result["minutes"] = (time.perf_counter() - started) / 60
     write(name, result)
 
 

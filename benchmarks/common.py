@@ -53,13 +53,19 @@ def timed(fn, *args, **kwargs):
     return time.perf_counter() - t0, out
 
 
-def interleave(sides: dict, repeats: int) -> dict[str, list[float]]:
+def interleave(sides: dict, repeats: int, deadline: float | None = None, min_repeats: int = 2) -> dict[str, list[float]]:
     """Run each side in turn, `repeats` rounds, the order reversed every other round (so a machine that
-    speeds up or slows down during the run favours neither side); returns seconds per side."""
+    speeds up or slows down during the run favours neither side); returns seconds per side.
+    With a `deadline` (a time.perf_counter() value), stop after `min_repeats` rounds once another
+    round would end past it: on a slow hour a benchmark keeps to its time limit with fewer rounds."""
     times = {name: [] for name in sides}
     for i in range(repeats):
+        start = time.perf_counter()
         for name, fn in (reversed(sides.items()) if i % 2 else sides.items()):
             times[name].append(timed(fn)[0])
+        now = time.perf_counter()
+        if deadline is not None and i + 1 >= min_repeats and now + (now - start) > deadline:
+            break
     return times
 
 
