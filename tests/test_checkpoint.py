@@ -173,3 +173,121 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(CheckpointError, match="hub id"):
         blip.load("Salesforce/blip-image-captioning-base")
+
+
+def test_sharded_transformers_folders_load(hf_dirs, tmp_path):
+    """transformers shards past max_shard_size (safetensors with an index); 4.x wrote .bin shards the same way."""
+    folder, hf = hf_dirs["caption"]
+    ref = blip.load(folder)
+    hf.save_pretrained(str(tmp_path / "st"), max_shard_size="100KB")
+    assert len(list((tmp_path / "st").glob("*.safetensors"))) > 2
+    # .bin shards + pytorch_model.bin.index.json, as transformers 4.x saved without safetensors
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text((folder / "config.json").read_text())
+    sd = hf.state_dict()
+    keys = sorted(sd)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({k: sd[k].clone() for k in part}, tmp_path / "bin" / name)
+        weight_map.update({k: name for k in part})
+    index = {"metadata": {}, "weight_map": weight_map}
+    (tmp_path / "bin" / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    px = torch.randn(2, 3, 32, 32)
+    for sub in ("st", "bin"):
+        model = blip.load(tmp_path / sub)
+        for (k, a), (k2, b) in zip(sorted(model.state_dict().items()), sorted(ref.state_dict().items())):
+            assert k == k2 and torch.equal(a, b), (sub, k)
+        assert model.caption(px, num_beams=1) == ref.caption(px, num_beams=1)
+    # a shard the index names but the folder lacks is named in the error
+    (tmp_path / "bin" / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(CheckpointError, match="pytorch_model-00002-of-00002.bin"):
+        blip.load(tmp_path / "bin")
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A local HTTP server over tmp_path/www; `/cut/NAME` announces NAME's full length but sends half."""
+    import functools
+    import http.server
+    import threading
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if self.path.startswith("/cut/"):
+                body = (root / self.path[len("/cut/"):]).read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2])
+                self.close_connection = True
+                return
+            super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_url_download_cached_verified_and_never_half_kept(hf_dirs, tmp_path, monkeypatch, http_server):
+    from hf_tiny import make_hf
+
+    from blip.pretrained import url_cache_path
+    root, base = http_server
+    monkeypatch.setenv("BLIP_CACHE", str(tmp_path / "cache"))
+    folder, hf = hf_dirs["caption"]
+    ref = blip.load(folder)
+    (root / "v1").mkdir()
+    (root / "v2").mkdir()
+    _official_pth(hf, root / "v1" / "model.pth")
+    _official_pth(make_hf("caption", seed=7, scale=5.0), root / "v2" / "model.pth")
+    m1 = blip.load(f"{base}/v1/model.pth", config=ref.config)
+    assert url_cache_path(f"{base}/v1/model.pth").is_file()
+    px = torch.randn(1, 3, 32, 32)
+    assert torch.equal(m1.encode_image(px), ref.encode_image(px))
+    # the same file name under another URL is another download, not the first one's cache
+    m2 = blip.load(f"{base}/v2/model.pth", config=ref.config)
+    assert not torch.equal(m2.encode_image(px), m1.encode_image(px))
+    (root / "v1" / "model.pth").unlink()  # served from the cache now
+    assert torch.equal(blip.load(f"{base}/v1/model.pth", config=ref.config).encode_image(px), ref.encode_image(px))
+    with pytest.raises(CheckpointError, match="could not download .*404"):
+        blip.load(f"{base}/missing.pth")
+    # a connection cut short is an error, and leaves no file (nor temporary file) to be trusted later
+    with pytest.raises(CheckpointError, match="could not download"):
+        blip.load(f"{base}/cut/v2/model.pth")
+    cut = url_cache_path(f"{base}/cut/v2/model.pth")
+    assert not cut.exists() and not list(cut.parent.glob("*"))
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+def test_hub_id_from_the_hub_cache(hf_dirs, tmp_path, monkeypatch, weights):
+    """A hub id resolves through huggingface_hub's own cache (offline here): the repository layout
+    transformers publishes, with safetensors, or only pytorch_model.bin as older repositories."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+    folder, hf = hf_dirs["caption"]
+    snapshot = tmp_path / "hub" / "models--someone--blip-tiny" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
+    shutil.copy(folder / "config.json", snapshot / "config.json")
+    if weights == "safetensors":
+        shutil.copy(folder / "model.safetensors", snapshot / "model.safetensors")
+    else:
+        torch.save(hf.state_dict(), snapshot / "pytorch_model.bin")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    model, ref = blip.load("someone/blip-tiny"), blip.load(folder)
+    px = torch.randn(2, 3, 32, 32)
+    assert model.config.task == "caption" and model.caption(px, num_beams=1) == ref.caption(px, num_beams=1)
+    with pytest.raises(CheckpointError, match="hub id 'someone/other'"):
+        blip.load("someone/other")

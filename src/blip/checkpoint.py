@@ -192,14 +192,37 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _find_weights(folder: Path) -> Path:
+def _find_weights(folder: Path) -> list[Path]:
+    """The weight file(s) of a folder: one file, or every shard its index names (transformers writes
+    `model.safetensors.index.json` / `pytorch_model.bin.index.json` beside shards past max_shard_size)."""
     for name in (WEIGHTS, "pytorch_model.bin", "model.pth"):
         if (folder / name).exists():
-            return folder / name
+            return [folder / name]
+    for index in (folder / f"{WEIGHTS}.index.json", folder / "pytorch_model.bin.index.json"):
+        if index.exists():
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a shard index (a JSON object with a weight_map): {e}") from None
+            missing = [f for f in files if not (folder / f).is_file()]
+            if missing or not files:
+                raise CheckpointError(f"{index} names shards that are not in {folder}: {', '.join(missing) or 'none'}")
+            return [folder / f for f in files]
     shards = sorted(folder.glob("*.safetensors"))
     if len(shards) == 1:
-        return shards[0]
-    raise CheckpointError(f"no weights (model.safetensors or pytorch_model.bin) in {folder}")
+        return shards
+    raise CheckpointError(f"no weights (model.safetensors or pytorch_model.bin, or a shard index) in {folder}")
+
+
+def _read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        part = read_state_dict(f)
+        clash = sorted(set(part) & set(sd))
+        if clash:
+            raise CheckpointError(f"{f} repeats tensors of another shard: {', '.join(clash[:3])}")
+        sd.update(part)
+    return sd
 
 
 def read_checkpoint(path: str | Path, task: str | None = None) -> tuple[BlipConfig, dict[str, torch.Tensor]]:
@@ -215,7 +238,7 @@ def read_checkpoint(path: str | Path, task: str | None = None) -> tuple[BlipConf
             data = json.loads(cfg_file.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
-        sd = read_state_dict(_find_weights(path))
+        sd = _read_weights(_find_weights(path))
         if data.get("format") == "blip":
             config = BlipConfig.from_dict(data)
         else:

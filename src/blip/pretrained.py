@@ -6,10 +6,12 @@ Face repositories by their hub id (`Salesforce/blip-image-captioning-base`). Dow
 """
 from __future__ import annotations
 
+import hashlib
+import http.client
 import os
 import re
-import shutil
 import tempfile
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -40,22 +42,56 @@ def cache_dir() -> Path:
 
 
 def _download(url: str, dest: Path) -> Path:
+    """`url` to `dest` once: written to a temporary file in the same folder and renamed only when the
+    whole body arrived (a cut connection leaves nothing behind that a later load would trust)."""
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
+    tmp = None
     try:
         with urllib.request.urlopen(url, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length", 0)) or None
-            with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp, \
+            got = 0
+            with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", delete=False) as tmp, \
                     tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
                 while chunk := resp.read(1 << 20):
                     tmp.write(chunk)
+                    got += len(chunk)
                     bar.update(len(chunk))
-        shutil.move(tmp.name, dest)  # atomic within one folder: no half-written file is ever reused
-    except OSError as e:
-        raise CheckpointError(f"could not download {url}: {e}") from None
+        if total is not None and got != total:
+            raise OSError(f"connection closed after {got} of {total} bytes")
+        os.replace(tmp.name, dest)  # atomic within one folder
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        if tmp is not None:
+            Path(tmp.name).unlink(missing_ok=True)
+        raise CheckpointError(f"could not download {url}: {_one_line(e)}") from None
     return dest
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def url_cache_path(url: str) -> Path:
+    """Where a URL's download is kept: its file name under a folder named by the URL's hash, so two
+    URLs that end in the same name (v1/model.pth, v2/model.pth) never share a file."""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    name = Path(urllib.parse.urlsplit(url).path).name or "checkpoint.pth"
+    return cache_dir() / "urls" / digest / name
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The repository's config and ONE copy of its weights: safetensors (and shard index) when it has
+    them, else the PyTorch files (read weights-only). Salesforce's BLIP repositories carry both, and
+    fetching every format would double a ~1-2 GB download."""
+    from huggingface_hub import snapshot_download
+    folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"]))
+    if not any(folder.glob("*.safetensors")):
+        folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", "pytorch_model*.bin",
+                                                                 "pytorch_model.bin.index.json"]))
+    return folder
 
 
 def resolve(name_or_path: str | os.PathLike) -> tuple[Path, str | None]:
@@ -67,13 +103,11 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[Path, str | None]:
     if text in OFFICIAL:
         return _download(OFFICIAL_URL.format(text), cache_dir() / f"{text}.pth"), OFFICIAL[text]
     if text.startswith(("http://", "https://")):
-        return _download(text, cache_dir() / Path(text.split("?")[0]).name), None
+        return _download(text, url_cache_path(text)), None
     if _HUB_ID.match(text) and not text.startswith(("./", "../")):
         try:
-            from huggingface_hub import snapshot_download
-            folder = snapshot_download(text, allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin"])
+            return _hub_snapshot(text), None
         except Exception as e:  # offline, unknown repo, gated, ...
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(f"could not fetch hub id {text!r}: {first}") from None
-        return Path(folder), None
     raise CheckpointError(f"checkpoint not found: {text} (not a file, folder, official model name or hub id)")
