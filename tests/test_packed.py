@@ -108,3 +108,21 @@ def test_generation_is_the_same_with_and_without_packing(hf_dirs, cfg, monkeypat
     assert torch.equal(outs[0], outs[1])
     assert any(m in packed._packs for m in model.text_decoder.modules())  # packing did happen
     assert any(m in packed._fused for m in model.text_decoder.modules())  # and self-attention ran fused
+
+
+def test_a_few_sequences_never_pack_even_with_a_long_prompt(hf_dirs):
+    """One image, beam 3: every step has 3 rows (fp32 decodes them unpacked), so its prompt of 4+ tokens
+    must not pack the whole decoder for that one call; 2 images x beam 3 (6 rows a step) do pack."""
+    model = blip.load(hf_dirs["caption"][0])
+    packed.release(model)
+    px = torch.randn(2, 3, 32, 32)
+    one = model.caption(px[:1], num_beams=3, max_length=10, prompt="a picture of a very long prompt ")
+    assert not any(m in packed._packs or m in packed._fused for m in model.text_decoder.modules())
+    with packed.decoding(sequences=2):  # the prompt call's tokens do not count, its sequences do
+        with torch.no_grad():
+            layer = model.text_decoder.cls.predictions.decoder
+            layer(torch.randn(2, 8, layer.in_features))
+    assert layer not in packed._packs
+    two = model.caption(px, num_beams=3, max_length=10, prompt="a picture of a very long prompt ")
+    assert any(m in packed._packs for m in model.text_decoder.modules())
+    assert two[0] == one[0]  # packed or not, the same caption

@@ -397,7 +397,7 @@ class DecoderState:
         self.device = encoder_states.device
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        with packed.decoding():  # few rows a step: weights stream faster from oneDNN's packed layout
+        with packed.decoding(input_ids.shape[0]):  # few rows a step: weights stream faster from oneDNN's packed layout
             hidden = self.decoder.bert(input_ids, mode="causal", cache=self.cache)
             return self.decoder.cls(hidden[:, -1]).float()
 

@@ -48,14 +48,17 @@ AVAILABLE = _available()
 
 
 @contextlib.contextmanager
-def decoding():
-    """Lets `Linear` layers use (and make) packed weights in this thread for the duration."""
-    before = getattr(_local, "on", False)
-    _local.on = ENABLED and AVAILABLE
+def decoding(sequences: int | None = None):
+    """Lets `Linear` layers use (and make) packed weights in this thread for the duration. `sequences`:
+    how many rows each decoding step has (images x beams); packing needs MIN_ROWS of them, however many
+    prompt tokens the first call feeds, since packing `base` for a one-image prompt alone would cost
+    ~0.2 s and ~490 MB for steps that then run unpacked."""
+    before = getattr(_local, "on", False), getattr(_local, "sequences", None)
+    _local.on, _local.sequences = ENABLED and AVAILABLE, sequences
     try:
         yield
     finally:
-        _local.on = before
+        _local.on, _local.sequences = before
 
 
 def release(module: nn.Module) -> None:
@@ -80,8 +83,10 @@ def _pack(cache: weakref.WeakKeyDictionary, layers: tuple[nn.Linear, ...], x: to
     """(packed weight, bias) for `layers` stacked, from `cache` (keyed on the first layer) or made now; None
     if `x` does not qualify or this build cannot pack."""
     first = layers[0].weight
-    if (x.device.type != "cpu" or x.dtype != first.dtype or first.dtype not in MIN_ROWS
-            or not MIN_ROWS[first.dtype] * x.shape[-1] <= x.numel() <= MAX_ROWS * x.shape[-1]):
+    if x.device.type != "cpu" or x.dtype != first.dtype or first.dtype not in MIN_ROWS:
+        return None
+    rows = x.numel() // x.shape[-1]
+    if not (MIN_ROWS[first.dtype] <= (getattr(_local, "sequences", None) or rows) and rows <= MAX_ROWS):
         return None
     params = [t for layer in layers for t in (layer.weight, layer.bias) if t is not None]
     if any(t.device.type != "cpu" or t.dtype != first.dtype for t in params):
