@@ -88,8 +88,9 @@ def main() -> None:
     others = {} if args.no_bf16 else {dtype: blip.load(folder, device=dev, dtype=dtype)
                                       for dtype in ("bf16", "bf16-full")}
     bf16_sides = {dtype: (lambda other=other: other.generate_ids(px, prompt="a picture of ", max_length=20,
-                                                                 min_length=5, num_beams=3)[0])
-                  for dtype, other in others.items()}
+                                                                 min_length=5, num_beams=3,
+                                                                 length_normalization="generated")[0])
+                  for dtype, other in others.items()}  # the beam rule transformers (and our fp32 side) use
     for run in bf16_sides.values():
         run()  # warm up (packs the bf16 decoder weights)
     bf16_times = None

@@ -48,24 +48,27 @@ def _download(url: str, dest: Path) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
-    tmp = None
+    partial = None  # the temporary file until it is complete and renamed; removed on any failure
     try:
         with urllib.request.urlopen(url, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length", 0)) or None
             got = 0
             with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", delete=False) as tmp, \
                     tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
+                partial = Path(tmp.name)
                 while chunk := resp.read(1 << 20):
                     tmp.write(chunk)
                     got += len(chunk)
                     bar.update(len(chunk))
         if total is not None and got != total:
             raise OSError(f"connection closed after {got} of {total} bytes")
-        os.replace(tmp.name, dest)  # atomic within one folder
+        os.replace(partial, dest)  # atomic within one folder
+        partial = None
     except (OSError, ValueError, http.client.HTTPException) as e:
-        if tmp is not None:
-            Path(tmp.name).unlink(missing_ok=True)
         raise CheckpointError(f"could not download {url}: {_one_line(e)}") from None
+    finally:  # also on Ctrl-C
+        if partial is not None:
+            partial.unlink(missing_ok=True)
     return dest
 
 
