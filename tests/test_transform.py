@@ -583,7 +583,7 @@ def test_iter_images_repeated_lazy_image_and_file_object(tmp_path):
         shared_fp = io.BytesIO(fp.read())
     out = list(iter_images([lazy] * 6, 32, workers=4, ahead=6))
     assert all(torch.equal(x, expected) for _, x in out)
-    out = list(iter_images([shared_fp] + [tmp_path / "a.jpg"] * 3, 32, workers=4))
+    out = list(iter_images([shared_fp] * 3 + [tmp_path / "a.jpg"] * 2, 32, workers=4))
     assert all(torch.equal(x, expected) for _, x in out)
 
 

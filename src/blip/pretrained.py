@@ -65,16 +65,15 @@ def _download(url: str, dest: Path) -> Path:
         os.replace(partial, dest)  # atomic within one folder
         partial = None
     except (OSError, ValueError, http.client.HTTPException) as e:
-        raise CheckpointError(f"could not download {url}: {_one_line(e)}") from None
+        raise CheckpointError(f"could not download {url}: {_first_line(e)}") from None
     finally:  # also on Ctrl-C
         if partial is not None:
             partial.unlink(missing_ok=True)
     return dest
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text or type(e).__name__
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def url_cache_path(url: str) -> Path:
@@ -111,6 +110,5 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[Path, str | None]:
         try:
             return _hub_snapshot(text), None
         except Exception as e:  # offline, unknown repo, gated, ...
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CheckpointError(f"could not fetch hub id {text!r}: {first}") from None
+            raise CheckpointError(f"could not fetch hub id {text!r}: {_first_line(e)}") from None
     raise CheckpointError(f"checkpoint not found: {text} (not a file, folder, official model name or hub id)")

@@ -699,25 +699,16 @@ def prepare_images(images, image_size, device=None, dtype=None, workers=None):
         if not x.is_floating_point():
             raise ImageError(f"image tensor must be float and already normalised, got {x.dtype}")
         return x.to(device=device, dtype=dtype)
-    if not isinstance(images, (list, tuple)):
-        images = [images]
-    if len(images) == 0:
-        raise ImageError("prepare_images got an empty list of images")
-    if all(isinstance(item, torch.Tensor) for item in images) or len(images) == 1:
-        workers = 0  # nothing to decode in parallel
-    out = []
-    for i, x in iter_images(images, image_size, workers=workers, ahead=len(images)):
-        if isinstance(x, ImageError):
-            raise ImageError(f"images[{i}]: {x}") from None
-        out.append(x)
-    return stack_images(out, device=device, dtype=dtype)
+    items = images if isinstance(images, (list, tuple)) else [images]
+    with contextlib.closing(image_batches(items, image_size, max(1, len(items)), workers=workers)) as batches:
+        return next(batches).to(device=device, dtype=dtype)
 
 
-def stack_images(tensors, device=None, dtype=None):
-    """(3,H,W) tensors of one size -> a (B,3,H,W) batch on device/dtype."""
+def _stack_images(tensors):
+    """(3,H,W) tensors of one size -> a (B,3,H,W) batch."""
     if len({tuple(t.shape) for t in tensors}) != 1:
         raise ImageError(f"images have different sizes: {sorted({tuple(t.shape) for t in tensors})}")
-    return torch.stack(tensors).to(device=device, dtype=dtype)
+    return torch.stack(tensors)
 
 
 def image_batches(images, image_size, batch_size, *, workers=None):
@@ -735,15 +726,15 @@ def image_batches(images, image_size, batch_size, *, workers=None):
         images = [images]
     if len(images) == 0:
         raise ImageError("got an empty list of images")
-    if all(isinstance(item, torch.Tensor) for item in images):
-        workers = 0  # nothing to decode
+    if len(images) == 1 or all(isinstance(item, torch.Tensor) for item in images):
+        workers = 0  # nothing to decode in parallel
     chunk = []
     for i, x in iter_images(images, image_size, workers=workers, ahead=2 * batch_size):
         if isinstance(x, ImageError):
             raise ImageError(f"images[{i}]: {x}") from None
         chunk.append(x)
         if len(chunk) == batch_size:
-            yield stack_images(chunk)
+            yield _stack_images(chunk)
             chunk = []
     if chunk:
-        yield stack_images(chunk)
+        yield _stack_images(chunk)
