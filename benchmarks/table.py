@@ -1,10 +1,14 @@
-"""Print the README's speed table from benchmarks/results/*.json (run the benchmarks first)."""
+"""Print the README's speed tables from benchmarks/results/*.json (run the benchmarks first);
+`--readme` writes them into README.md in place of the tables there (the CPU one under its
+"| target |" header, the CUDA one under "| measure |")."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 R = Path(__file__).parent / "results"
+README = Path(__file__).parent.parent / "README.md"
 
 
 def load(name):
@@ -56,12 +60,23 @@ def cuda_table() -> list[str]:
     if not rows:
         return []
     cards = {json.loads(p.read_text())["machine"].get("cuda") for p in R.glob("*_cuda*.json")}
-    return ["", f"On CUDA ({', '.join(sorted(c for c in cards if c))}):", "",
-            "| measure | ours | transformers | ratio | goal |", "|---|---|---|---|---|", *rows]
+    return ["", f"On CUDA ({', '.join(sorted(c for c in cards if c))}):", "", *_table("measure", rows)]
 
 
-def main() -> None:
-    rows = ["| target | ours | transformers | ratio | goal |", "|---|---|---|---|---|"]
+def _table(first: str, rows: list[str]) -> list[str]:
+    return [f"| {first} | ours | transformers | ratio | goal |", "|---|---|---|---|---|", *rows]
+
+
+def replace_table(text: str, table: list[str]) -> str:
+    """`text` with the Markdown table that starts with `table`'s header line replaced by `table`."""
+    start = text.index(table[0] + "\n")
+    end = text.find("\n\n", start)
+    end = len(text) if end < 0 else end + 1
+    return text[:start] + "\n".join(table) + "\n" + text[end:]
+
+
+def cpu_table() -> list[str]:
+    rows = []
     cap = load("caption_speed")
     extra = load("caption_speed_bf16")
     if cap and extra:  # a bf16-only rerun (--modes "" --name caption_speed_bf16) replaces the bf16 rows
@@ -119,7 +134,17 @@ def main() -> None:
             rows.append(f"| caption {pipe['images']} photos (greedy), decoding threads vs none | "
                         f"{c['threads_images_per_s']:.2f} img/s | {c['serial_images_per_s']:.2f} img/s (none) | "
                         f"{c['threads_speedup']:.2f}x | recorded |")
-    print("\n".join(rows + cuda_table()))
+    return _table("target", rows)
+
+
+def main() -> None:
+    cpu, cuda = cpu_table(), cuda_table()
+    if "--readme" in sys.argv[1:]:
+        text = replace_table(README.read_text(), cpu)
+        if cuda:
+            text = replace_table(text, cuda[3:])
+        README.write_text(text)
+    print("\n".join(cpu + cuda))
 
 
 if __name__ == "__main__":
