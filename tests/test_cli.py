@@ -110,3 +110,21 @@ def test_bad_batching_numbers_are_refused(hf_dirs, images, capsys, flag):
         main(["caption", str(images / "ok0.png"), "--model", str(hf_dirs["caption"][0]), *flag])
     err = capsys.readouterr().err
     assert e.value.code == 2 and flag[0] in err and "Traceback" not in err
+
+
+def test_embed_prints_each_batch_as_it_is_done(hf_dirs, images, capsys, monkeypatch):
+    """An interrupted `blip embed` keeps the lines of the batches already done (they used to be
+    printed only at the very end)."""
+    from blip.model import Blip
+    real, calls = Blip.embed_images, []
+
+    def interrupted_on_the_second_batch(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Blip, "embed_images", interrupted_on_the_second_batch)
+    rc = main(["embed", str(images / "ok*.png"), "--model", str(hf_dirs["retrieval"][0]), "--batch-size", "1"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 130 and len(rows) == 1 and rows[0]["image"].endswith("ok0.png")

@@ -159,24 +159,22 @@ def cmd_embed(args) -> int:
     if not args.images and not args.text:
         raise CliError("give images and/or --text")
     model = _model(args, args.task or "feature")
-    rows = []
     done = total = 0
-    if args.images:
+    if args.images:  # each line as soon as its batch is done: a long run shows (and keeps) its progress
         paths = expand_images(args.images)
         total = len(paths)
         for batch in _batches(paths, args.batch_size, model.config.vision.image_size, args.workers,
                               progress=len(paths) > 8 and not args.quiet):
             emb = model.embed_images([img for _, img in batch])
             for (path, _), vec in zip(batch, emb.float().cpu()):
-                rows.append({"image": path, "embedding": vec.tolist()})
+                print(json.dumps({"image": path, "embedding": vec.tolist()}), flush=True)
                 done += 1
         if done == 0:
             raise CliError(f"none of the {total} images could be read")
     if args.text:
         emb = model.embed_texts(args.text)
-        rows += [{"text": t, "embedding": v.tolist()} for t, v in zip(args.text, emb.float().cpu())]
-    for r in rows:
-        print(json.dumps(r))
+        for text, vec in zip(args.text, emb.float().cpu()):
+            print(json.dumps({"text": text, "embedding": vec.tolist()}), flush=True)
     return 1 if done < total else 0
 
 
