@@ -53,7 +53,8 @@ def timed(fn, *args, **kwargs):
     return time.perf_counter() - t0, out
 
 
-def interleave(sides: dict, repeats: int, deadline: float | None = None, min_repeats: int = 2) -> dict[str, list[float]]:
+def interleave(sides: dict, repeats: int, deadline: float | None = None,
+               min_repeats: int = 2) -> dict[str, list[float]]:
     """Run each side in turn, `repeats` rounds, the order reversed every other round (so a machine that
     speeds up or slows down during the run favours neither side); returns seconds per side.
     With a `deadline` (a time.perf_counter() value), stop after `min_repeats` rounds once another

@@ -47,7 +47,8 @@ def caption_rows(cap: dict, label: str = "", goals: bool = True) -> list[str]:
 
 
 def cuda_table() -> list[str]:
-    """The same benchmarks run with --device cuda (caption_speed_cuda*.json, vit_roof_cuda.json), if any."""
+    """The same benchmarks run with --device cuda (caption_speed_cuda*.json, vit_roof_cuda.json), if any:
+    the table alone (`cuda_cards` names the cards it was measured on)."""
     rows = []
     for path in sorted(R.glob("caption_speed_cuda*.json")):
         cap = json.loads(path.read_text())
@@ -57,10 +58,12 @@ def cuda_table() -> list[str]:
         for dt, t in roof["targets"].items():
             rows.append(f"| ViT forward / its matmuls alone ({dt}) | {t['forward_s'] * 1e3:.1f} ms | "
                         f"{t['matmuls_s'] * 1e3:.1f} ms (matmuls) | {t['ratio']:.2f}x | recorded |")
-    if not rows:
-        return []
+    return _table("measure", rows) if rows else []
+
+
+def cuda_cards() -> str:
     cards = {json.loads(p.read_text())["machine"].get("cuda") for p in R.glob("*_cuda*.json")}
-    return ["", f"On CUDA ({', '.join(sorted(c for c in cards if c))}):", "", *_table("measure", rows)]
+    return ", ".join(sorted(c for c in cards if c))
 
 
 def _table(first: str, rows: list[str]) -> list[str]:
@@ -124,11 +127,13 @@ def cpu_table() -> list[str]:
     pipe = load("image_pipeline")
     if pipe:
         d = pipe["decode"]
+        hf = f"{d['transformers_images_per_s']:.1f} img/s"
         rows.append(f"| decode + resize 12-MP JPEGs, one thread (pixels identical: "
                     f"{d['max_abs_pixel_difference'] == 0}) | {d['ours_1_thread_images_per_s']:.1f} img/s | "
-                    f"{d['transformers_images_per_s']:.1f} img/s | {d['ours_1_thread_vs_transformers']:.2f}x | recorded |")
-        rows.append(f"| decode + resize 12-MP JPEGs, {pipe['threads']} threads | {d['ours_threads_images_per_s']:.1f} img/s | "
-                    f"{d['transformers_images_per_s']:.1f} img/s | {d['ours_threads_vs_transformers']:.2f}x | recorded |")
+                    f"{hf} | {d['ours_1_thread_vs_transformers']:.2f}x | recorded |")
+        rows.append(f"| decode + resize 12-MP JPEGs, {pipe['threads']} threads | "
+                    f"{d['ours_threads_images_per_s']:.1f} img/s | {hf} | "
+                    f"{d['ours_threads_vs_transformers']:.2f}x | recorded |")
         if "caption" in pipe:
             c = pipe["caption"]
             rows.append(f"| caption {pipe['images']} photos (greedy), decoding threads vs none | "
@@ -141,10 +146,8 @@ def main() -> None:
     cpu, cuda = cpu_table(), cuda_table()
     if "--readme" in sys.argv[1:]:
         text = replace_table(README.read_text(), cpu)
-        if cuda:
-            text = replace_table(text, cuda[3:])
-        README.write_text(text)
-    print("\n".join(cpu + cuda))
+        README.write_text(replace_table(text, cuda) if cuda else text)
+    print("\n".join(cpu + (["", f"On CUDA ({cuda_cards()}):", "", *cuda] if cuda else [])))
 
 
 if __name__ == "__main__":

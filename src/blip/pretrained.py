@@ -89,7 +89,8 @@ def _hub_snapshot(repo_id: str) -> Path:
     them, else the PyTorch files (read weights-only). Salesforce's BLIP repositories carry both, and
     fetching every format would double a ~1-2 GB download."""
     from huggingface_hub import snapshot_download
-    folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"]))
+    folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors",
+                                                             "*.safetensors.index.json"]))
     if not any(folder.glob("*.safetensors")):
         folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", "pytorch_model*.bin",
                                                                  "pytorch_model.bin.index.json"]))
