@@ -11,7 +11,7 @@ The reorder costs ~0.2 s for a `base` decoder, too much to redo for every captio
 layer keeps its packed copy (the weight's size again in memory, ~490 MB for `base` in fp32) until the
 weight changes: the copy is keyed on the weight's storage (new after `.to()`) and version counter,
 which every in-place update (optimizer steps, load_state_dict) bumps. Writes through `.data` bypass the version
-counter; call `release(model)` after those. Packing happens only inside `decoding()` (which
+counter, and weights made under `torch.inference_mode()` have none; call `release(model)` after writing those. Packing happens only inside `decoding()` (which
 `DecoderState` enters), only for inputs of MIN_ROWS[dtype] to MAX_ROWS rows that need no gradient, never off
 the CPU. BLIP_PACKED_DECODING=0 turns it off (less memory, slower CPU decoding).
 """
@@ -93,7 +93,7 @@ def _pack(cache: weakref.WeakKeyDictionary, layers: tuple[nn.Linear, ...], x: to
         return None
     if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params)):
         return None
-    key = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in params) + (first.dtype,)
+    key = tuple((t.data_ptr(), _version(t), tuple(t.shape)) for t in params) + (first.dtype,)
     hit = cache.get(layers[0])
     if hit is not None and (hit[0] == key or hit[0] is None):  # None: this build cannot pack
         return hit[1]
@@ -107,6 +107,13 @@ def _pack(cache: weakref.WeakKeyDictionary, layers: tuple[nn.Linear, ...], x: to
             return None
     cache[layers[0]] = (key, (packed, bias))
     return packed, bias
+
+
+def _version(t: torch.Tensor) -> int:
+    """The tensor's version counter; weights made under torch.inference_mode() (a model loaded inside it)
+    have none and reading it raises, so they key on their storage alone: write such weights in place
+    only through load_state_dict or the like followed by `release(model)`."""
+    return -1 if t.is_inference() else t._version
 
 
 class Linear(nn.Linear):
