@@ -56,24 +56,23 @@ def retrieval_scores(model, images, texts, batch_size: int = 32, k_test: int = 0
     if not k_test:
         return sims, sims.t()
     states = torch.cat(image_states)
-    k = min(k_test, sims.shape[1])
-
-    def itm(img: int, txt: list[int]) -> torch.Tensor:
-        ids = torch.nn.utils.rnn.pad_sequence([text_ids[t] for t in txt], batch_first=True).to(model.device)
-        mask = torch.nn.utils.rnn.pad_sequence([text_masks[t] for t in txt], batch_first=True).to(model.device)
-        ids[:, 0] = ENC_ID
-        return model.itm_logits(states[img:img + 1].to(model.device), ids, mask)[:, 1].float().cpu()
-
-    i2t = torch.full_like(sims, -100.0)
-    for i in tqdm(range(sims.shape[0]), disable=not progress, desc="itm i2t"):
-        top_sim, top = sims[i].topk(k)
-        i2t[i, top] = itm(i, top.tolist()) + top_sim
-    t2i = torch.full_like(sims.t(), -100.0)
-    k_img = min(k_test, sims.shape[0])
-    for t in tqdm(range(sims.shape[1]), disable=not progress, desc="itm t2i"):
-        top_sim, top = sims[:, t].topk(k_img)
-        for rank, img in enumerate(top.tolist()):
-            t2i[t, img] = itm(img, [t])[0] + top_sim[rank]
+    # each image's top-k texts (i2t) and each text's top-k images (t2i) as masks; a pair in both is scored once
+    in_i2t = torch.zeros_like(sims, dtype=torch.bool)
+    in_i2t.scatter_(1, sims.topk(min(k_test, sims.shape[1]), dim=1).indices, True)
+    in_t2i = torch.zeros_like(sims, dtype=torch.bool)
+    in_t2i.scatter_(0, sims.topk(min(k_test, sims.shape[0]), dim=0).indices, True)
+    itm = torch.zeros_like(sims)
+    wanted = in_i2t | in_t2i
+    for img in tqdm(range(sims.shape[0]), disable=not progress, desc="itm rerank"):
+        txt = wanted[img].nonzero()[:, 0].tolist()
+        for start in range(0, len(txt), batch_size):  # one image's K/V serve all its texts
+            chunk = txt[start:start + batch_size]
+            ids = torch.nn.utils.rnn.pad_sequence([text_ids[t] for t in chunk], batch_first=True).to(model.device)
+            mask = torch.nn.utils.rnn.pad_sequence([text_masks[t] for t in chunk], batch_first=True).to(model.device)
+            ids[:, 0] = ENC_ID
+            itm[img, chunk] = model.itm_logits(states[img:img + 1].to(model.device), ids, mask)[:, 1].float().cpu()
+    i2t = torch.where(in_i2t, itm + sims, torch.tensor(-100.0))
+    t2i = torch.where(in_t2i, itm + sims, torch.tensor(-100.0)).t().contiguous()
     return i2t, t2i
 
 
