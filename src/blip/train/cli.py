@@ -8,22 +8,27 @@ import sys
 
 
 def cmd_pretrain(args) -> int:
-    import torch
-
     from . import distributed as dist
     from .config import TrainConfig, apply_overrides
-    from .loop import Trainer
+    from .loop import Trainer, newest_checkpoint, read_checkpoint
 
-    if args.resume and not args.config:  # the run's own config, with overrides
-        saved = torch.load(args.resume, map_location="cpu", weights_only=True)["train_config"]
-        cfg = TrainConfig.from_dict(apply_overrides(saved, args.overrides))
+    resume, saved = args.resume, None
+    if resume == "auto":
+        out = args.out or "runs/pretrain"
+        resume, saved = newest_checkpoint(out) or (None, None)
+    else:
+        out = args.out or (os.path.dirname(os.path.abspath(resume)) if resume else "runs/pretrain")
+        if resume and not args.config:
+            saved = read_checkpoint(resume)
+    if saved and not args.config:  # the run's own config, with overrides
+        cfg = TrainConfig.from_dict(apply_overrides(saved["train_config"], args.overrides))
     else:
         cfg = TrainConfig.load(args.config, args.overrides)
+    del saved
     if args.no_progress:
         cfg.progress = False
     try:
-        out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else "runs/pretrain")
-        trainer = Trainer(cfg, out, resume=args.resume)
+        trainer = Trainer(cfg, out, resume=resume)
         result = trainer.train()
         if dist.is_main():
             print(json.dumps({"out": str(out), **result}))
@@ -38,7 +43,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                                           "(model.<dotted key>=value overrides the model preset).")
     p.add_argument("--config", "-c", help="training config (JSON), e.g. configs/pretrain_synthetic.json")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--resume", help="checkpoint to continue from exactly (out/checkpoint.pt)")
+    p.add_argument("--resume", help="checkpoint to continue from exactly (out/checkpoint.pt), or auto: the "
+                                    "newest good one in --out (none there: start fresh)")
     p.add_argument("--out", "-o", help="folder for checkpoint.pt, log.jsonl and the final model/ "
                                         "(default: runs/pretrain, or the resumed checkpoint's folder)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

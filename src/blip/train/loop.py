@@ -3,15 +3,19 @@
 AdamW over all trainable parameters, a per-(epoch, step) learning-rate schedule, bf16 autocast,
 gradient accumulation, DDP under torchrun, JSON-lines logs, and atomic checkpoints that resume
 exactly: model + momentum state, optimizer, position in the data, and every RNG of every rank.
+The last two checkpoints are kept, damaged ones are refused in one line, and a lock keeps a second
+run out of the output folder (README "Reliability").
 The objective is any module `objective(batch, StepInfo) -> {"loss": ..., other scalars}`.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import random
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..checkpoint import CheckpointError
 from ..model import Blip
 from . import distributed as dist
 from .config import TrainConfig
@@ -28,6 +33,8 @@ from .objectives import PretrainObjective, StepInfo
 from .schedule import build_schedule
 
 CHECKPOINT = "checkpoint.pt"
+LOCK = "train.lock"
+_TRAIN_KEYS = ("model", "optimizer", "progress", "rng", "train_config")
 
 
 def build_objective(cfg: TrainConfig, model: Blip) -> torch.nn.Module:
@@ -64,10 +71,129 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def atomic_save(obj, path: Path) -> None:
+# ------------------------------------------------------------------------------ files
+def atomic_write(path: Path, write, previous: Path | None = None) -> None:
+    """`write(f)` into `path`.tmp, synced, then renamed over `path`: a kill leaves the old file whole,
+    an error (a full disk) also leaves no .tmp and raises OSError naming `path`. With `previous`, the
+    old file is first renamed to it, so at every moment `path` or `previous` is a complete file."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
+        if path.name == os.environ.get("BLIP_TEST_PAUSE_SAVE"):  # test hook: tests/test_crash.py kills it here
+            time.sleep(30)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+        raise
+
+
+def atomic_save(obj, path: Path, previous: Path | None = None) -> None:
+    # a file object, not a path: torch's own writer reports a full disk as an obscure RuntimeError
+    atomic_write(path, lambda f: torch.save(obj, f), previous)
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def previous_of(path: Path) -> Path:
+    """checkpoint.pt -> checkpoint.prev.pt: where a save moves the checkpoint it replaces."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def read_checkpoint(path: str | Path, offer_previous: bool = True) -> dict:
+    """A training checkpoint's contents; CheckpointError (one line) when the file is missing, damaged or
+    not a training checkpoint, naming the previous checkpoint when that one reads."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        ok = isinstance(ckpt, dict) and all(k in ckpt for k in _TRAIN_KEYS)
+        problem = None if ok else "is not a training checkpoint"
+    except FileNotFoundError:
+        problem = "does not exist"
+    except Exception as e:  # truncated or overwritten: RuntimeError, UnpicklingError, EOFError, ...
+        reason = re.split(r"\.\s", str(e).strip())[0][:100]  # torch's first sentence; the rest is advice
+        problem = f"is damaged ({type(e).__name__}: {reason})"
+    if problem is None:
+        return ckpt
+    older, hint = previous_of(path), ""
+    if offer_previous and older.exists():
+        with contextlib.suppress(CheckpointError):
+            read_checkpoint(older, offer_previous=False)
+            hint = f"; the previous checkpoint is good: --resume {older}"
+    raise CheckpointError(f"checkpoint {path} {problem}{hint}")
+
+
+def newest_checkpoint(folder: str | Path) -> tuple[Path, dict] | None:
+    """`--resume auto`: the newest readable checkpoint in `folder` (checkpoint.pt, else
+    checkpoint.prev.pt) with its contents, or None when the folder has none (a fresh start). When
+    every one there is damaged that is an error, not a fresh start that would overwrite them."""
+    current = Path(folder) / CHECKPOINT
+    problems = []
+    for path in (current, previous_of(current)):
+        if path.exists():
+            try:
+                ckpt = read_checkpoint(path, offer_previous=False)
+            except CheckpointError as e:
+                problems.append(str(e))
+                continue
+            if problems:
+                _note(f"blip: warning: {problems[0]}: resuming from {path}")
+            return path, ckpt
+    if problems:
+        raise CheckpointError(f"no readable checkpoint in {folder}: {'; '.join(problems)}")
+    _note(f"blip: no checkpoint in {folder}: starting fresh")
+    return None
+
+
+def _note(line: str) -> None:
+    if int(os.environ.get("RANK", 0)) == 0:  # before the process group exists
+        print(line, file=sys.stderr, flush=True)
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop log lines past `step` (and a line cut short by a kill): a run resumed from the checkpoint
+    at `step` logs those steps again, so the log continues from the checkpoint, each step once."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+    if len(keep) < len(lines):
+        _write_text(path, "".join(line + "\n" for line in keep))
+
+
+class FolderBusy(RuntimeError):
+    """Another live process is training into this folder."""
+
+
+def lock_folder(folder: Path):
+    """An exclusive flock on folder/train.lock, which holds our pid, for as long as the returned file is
+    open. The kernel drops it when the process dies, however it dies: a killed run never leaves it locked."""
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / LOCK, "a+")  # not "w": that would erase the holder's pid before we know we may
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise FolderBusy(f"{folder} is in use by another training run (pid {pid})") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 # ------------------------------------------------------------------------------ state dicts
@@ -91,12 +217,32 @@ def load_flat_state_dict(objective: torch.nn.Module, sd: dict) -> None:
 
 # ------------------------------------------------------------------------------ the trainer
 class Trainer:
+    """Trains `cfg` into `out_dir` (checkpoint.pt, checkpoint.prev.pt, log.jsonl, model/), which it locks
+    against a second run. `resume`: a checkpoint path, or "auto" for the newest good one in `out_dir`."""
+
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = None,
                  dataset=None, objective_fn=build_objective):
         self.cfg, self.out = cfg, Path(out_dir)
         self.device = dist.setup(cfg.device)
         self.rank, self.world = dist.rank(), dist.world_size()
         self.main = self.rank == 0
+        self._lock = None
+        self._good: set[Path] = set()  # checkpoint files known good: the only ones a save keeps as previous
+        self._hold_folder()  # first: a second run on this folder stops before building anything
+        try:
+            self._build(dataset, objective_fn)
+            if resume == "auto":
+                found = newest_checkpoint(self.out)
+                if found:
+                    self._restore(*found)
+            elif resume:
+                self.load(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, dataset, objective_fn) -> None:
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical initial weights and queues on every rank
         model = Blip(cfg.model_config())
         self.init_report = self._init_weights(model)
@@ -125,8 +271,17 @@ class Trainer:
             raise ValueError("the data gives less than one optimizer step per epoch (or set steps_per_epoch)")
         self.epoch = self.step = self.global_step = 0
         seed_all(cfg.seed + self.rank)
-        if resume:
-            self.load(resume)
+
+    def _hold_folder(self) -> None:
+        """One run per output folder (rank 0 holds the lock; the other ranks share the folder)."""
+        if self.main and self._lock is None:
+            self._lock = lock_folder(self.out)
+
+    def close(self) -> None:
+        """Releases the output folder (train() does when it returns)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _param_groups(self) -> list[dict]:
         """All trainable parameters, one AdamW group per lr multiplier: a parameter takes the scale of
@@ -167,12 +322,19 @@ class Trainer:
         state = self.state()  # every rank takes part (RNG gather)
         if self.main:
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_save(state, path)
+            # the replaced file becomes the previous checkpoint only when known good (saved or resumed
+            # from by this trainer): a damaged or another run's file is overwritten, not kept
+            known = path.resolve() in self._good
+            atomic_save(state, path, previous=previous_of(path) if known else None)
+            self._good.add(path.resolve())
         dist.barrier()
         return path
 
     def load(self, path: str | Path) -> None:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        self._restore(Path(path), read_checkpoint(path))
+
+    def _restore(self, path: Path, ckpt: dict) -> None:
+        self._good.add(path.resolve())
         load_flat_state_dict(self.objective, ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         p = ckpt["progress"]
@@ -194,7 +356,7 @@ class Trainer:
             atomic_save({"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}},
                         folder / "model.pth")
             data = {"format": "blip", **self.model.config.to_dict()}
-            (folder / "config.json").write_text(json.dumps(data, indent=2) + "\n")
+            _write_text(folder / "config.json", json.dumps(data, indent=2) + "\n")
         dist.barrier()
         return folder
 
@@ -265,9 +427,18 @@ class Trainer:
         return True
 
     def train(self) -> dict:
+        """Trains to the end (or max_steps), holding the output folder's lock meanwhile."""
+        self._hold_folder()
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> dict:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "train_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+            _write_text(self.out / "train_config.json", json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+            trim_log(self.out / "log.jsonl", self.global_step)
         log = JsonLog(self.out / "log.jsonl" if self.main else None, self.device)
         self.objective.train()
         finished = True
