@@ -31,8 +31,12 @@ def main(argv=None) -> int:
     from blip.data.synth_quality import TARGETS, probe
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = blip.load(args.model, device=args.device)
-    result = probe(model, args.corpus, k_test=args.k_test, limit=args.limit)
+    try:
+        model = blip.load(args.model, device=args.device)
+        result = probe(model, args.corpus, k_test=args.k_test, limit=args.limit)
+    except (OSError, ValueError) as e:
+        print(f"synthetic_quality: error: {e}", file=sys.stderr)
+        return 2
     result.update(model=str(args.model), seconds=round(time.perf_counter() - t0, 1), targets=TARGETS)
     if args.json:
         print(json.dumps(result))

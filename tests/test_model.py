@@ -19,7 +19,7 @@ def matcher(hf_dirs):
 
 
 def test_config_presets_and_json_round_trip(tmp_path):
-    for name in ("tiny", "small", "base", "large"):
+    for name in ("tiny", "mini", "small", "base", "large"):
         cfg = get_config(name)
         cfg.to_json(tmp_path / "c.json")
         assert BlipConfig.from_json(tmp_path / "c.json") == cfg

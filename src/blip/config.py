@@ -138,6 +138,11 @@ PRESETS = {
     # unit tests: a few hundred thousand parameters
     "tiny": lambda: _preset(dict(image_size=64, patch_size=16, width=64, depth=2, heads=2),
                             dict(width=64, depth=2, heads=2, ffn=256, max_positions=128)),
+    # the embedded default's CPU recipe (configs/pretrain_synthetic.json): 64 px, patch 8 (an 8x8 grid, so a
+    # small synthetic object still covers a patch or more), both towers 192 wide and 4 deep, no dropout
+    "mini": lambda: _preset(dict(image_size=64, patch_size=8, width=192, depth=4, heads=3),
+                            dict(width=192, depth=4, heads=3, ffn=768, dropout=0.0, attention_dropout=0.0),
+                            embed_dim=128),
     # CPU-trainable: the text side matches MiniLM-L6-H384 so it can start from those weights
     "small": lambda: _preset(dict(image_size=128, patch_size=16, width=384, depth=6, heads=6),
                              dict(width=384, depth=6, heads=12, ffn=1536)),
@@ -149,7 +154,7 @@ PRESETS = {
 
 
 def get_config(name: str, **overrides: Any) -> BlipConfig:
-    """A preset by name (tiny, small, base, large), with dotted overrides."""
+    """A preset by name (tiny, mini, small, base, large), with dotted overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
     config = PRESETS[name]()

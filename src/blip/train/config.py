@@ -11,15 +11,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .schedule import SCHEDULES
+
 
 @dataclass
 class TrainConfig:
     # model
     task: str = "pretrain"                 # objective
-    model: str = "tiny"                    # preset: tiny, small, base, large
+    model: str = "tiny"                    # preset: tiny, mini, small, base, large
     model_overrides: dict = field(default_factory=dict)  # dotted BlipConfig keys
     init_text: str | None = None           # BERT weights in HF layout, or "minilm"
     init_vision: str | None = None         # timm/DeiT ViT weights
+    init_scheme: str = "official"          # from-scratch init: "official" (timm / BERT, std 0.02) or "clip"
+    #                                        (CLIP's larger ViT and attention query/key init: train/init_weights)
     # data
     train_files: list = field(default_factory=list)  # JSON lists of {"image", "caption"}
     image_root: str | None = None
@@ -39,7 +43,7 @@ class TrainConfig:
     steps_per_epoch: int = 0               # caps an epoch; needed for streams (no length); 0: from the data
     max_steps: int = 0                     # stop after this many optimizer steps (0: all epochs)
     # optimisation
-    schedule: str = "step_warmup"          # or "cosine"
+    schedule: str = "step_warmup"          # or "cosine" (per epoch), "warmup_cosine" (per step: short runs)
     init_lr: float = 3e-4
     min_lr: float = 1e-6
     warmup_lr: float = 1e-6
@@ -60,6 +64,16 @@ class TrainConfig:
     momentum: float = 0.995
     negatives_all_rank: bool = False
     label_smoothing: float = 0.1
+    loss_weights: dict = field(default_factory=dict)  # {"ita", "itm", "lm": weight}; unnamed: 1 (official)
+    itm_hard_from: int | None = 0          # ITM's in-batch negatives drawn uniformly (not by similarity) before
+    #                                        this step; None: always uniform
+    itm_swap_from: int = 0                 # word-swap ITM negatives (itm_swap_words) from this step on
+    itc_only_steps: int = 0                # first N optimizer steps train ITC alone (ITM and LM not computed)
+    distill: bool = True                   # momentum towers + distilled ITC targets (official); False: in-batch
+    #                                        InfoNCE on the online features (needs queue_size 0)
+    itm_swap_words: Any = None             # ITM negatives: each caption with one word of a group replaced by
+    #                                        another of its group: [[words], ...], or "synthetic" (the corpus's
+    #                                        colours, shapes, sizes, positions, relations). None: off (official)
     # run
     seed: int = 42
     device: str | None = None
@@ -70,8 +84,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.grad_accum < 1 or self.batch_size < 1:
             raise ValueError("batch_size and grad_accum must be >= 1")
-        if self.schedule not in ("step_warmup", "cosine"):
+        if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}")
+        if self.init_scheme not in ("official", "clip"):
+            raise ValueError(f"init_scheme must be 'official' or 'clip', not {self.init_scheme!r}")
         if self.text_padding not in ("longest", "max_length"):
             raise ValueError("text_padding must be 'longest' or 'max_length'")
         if self.negatives_all_rank:  # token ids are gathered across ranks: equal widths

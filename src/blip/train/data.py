@@ -4,6 +4,7 @@ per-sample seeding (so random augmentations replay exactly after a resume), and 
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import torch
@@ -36,14 +37,50 @@ class RandomPairs(Dataset):
         return {"image": image, "text": text, "index": i}
 
 
+class WordSwap:
+    """A caption with one word of a word group replaced by another word of that group ("a red circle left of
+    a star" -> "a red circle right of a star"), or None when it has no such word. Used as extra ITM negatives:
+    in-batch hard negatives almost never differ from the true caption in one attribute, and telling those
+    apart is what matching has to learn. Whole words, case-insensitive; the rest of the text is kept."""
+
+    def __init__(self, groups):
+        groups = [[str(w).lower() for w in g] for g in groups]
+        if any(len(g) < 2 for g in groups):
+            raise ValueError("every itm_swap_words group needs at least two words")
+        self.group_of = {w: g for g in groups for w in g}
+        self.pattern = re.compile(r"\b(" + "|".join(sorted(map(re.escape, self.group_of), key=len, reverse=True))
+                                  + r")\b", re.IGNORECASE)
+
+    @classmethod
+    def build(cls, spec) -> "WordSwap | None":
+        if spec in (None, False, [], ""):
+            return None
+        if spec == "synthetic":
+            from ..data.synth import SWAP_GROUPS
+            spec = SWAP_GROUPS
+        if isinstance(spec, str) or not all(isinstance(g, (list, tuple)) for g in spec):
+            raise ValueError('itm_swap_words must be a list of word lists or "synthetic"')
+        return cls(spec)
+
+    def __call__(self, text: str, rng: random.Random) -> str | None:
+        hits = list(self.pattern.finditer(text))
+        if not hits:
+            return None
+        hit = hits[rng.randrange(len(hits))]
+        word = hit.group(0).lower()
+        other = rng.choice([w for w in self.group_of[word] if w != word])
+        return text[:hit.start()] + other + text[hit.end():]
+
+
 class SeededItems(Dataset):
     """Wraps a map-style dataset: item i of epoch e is made under RNG seeds derived from
     (seed, e, i) — whichever worker makes it, and whether or not the run was resumed — and a bad
     item (None) is replaced by the next good one so every batch stays full (the feature queue
     needs a fixed global batch)."""
 
-    def __init__(self, dataset: Dataset, seed: int = 0, tries: int = 16):
+    def __init__(self, dataset: Dataset, seed: int = 0, tries: int = 16, swap: WordSwap | None = None):
         self.dataset, self.seed, self.tries, self.epoch = dataset, seed, tries, 0
+        self.swap = swap  # adds "neg_text" (None where the caption has no swappable word) under the item's seed
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -65,6 +102,8 @@ class SeededItems(Dataset):
                 np.random.seed(s)
                 try:
                     item = self.dataset[j]
+                    if item is not None and self.swap is not None:
+                        item = dict(item, neg_text=self.swap(item["text"], random))
                 finally:
                     random.setstate(py)
                     np.random.set_state(npy)
@@ -98,8 +137,15 @@ class Collate:
     def __call__(self, items: list) -> dict:
         items = [it for it in items if it is not None]
         ids, mask = get_tokenizer()([it["text"] for it in items], max_length=self.max_length, padding=self.padding)
-        return {"image": torch.stack([it["image"] for it in items]), "input_ids": ids, "attention_mask": mask,
-                "index": torch.tensor([int(it.get("index", -1)) for it in items])}
+        batch = {"image": torch.stack([it["image"] for it in items]), "input_ids": ids, "attention_mask": mask,
+                 "index": torch.tensor([int(it.get("index", -1)) for it in items])}
+        if any("neg_text" in it for it in items):  # WordSwap negatives; rows without one are marked invalid
+            neg = [it.get("neg_text") for it in items]
+            batch["neg_input_ids"], batch["neg_attention_mask"] = get_tokenizer()(
+                [t if t is not None else it["text"] for t, it in zip(neg, items)], max_length=self.max_length,
+                padding=self.padding)
+            batch["neg_valid"] = torch.tensor([t is not None for t in neg])
+        return batch
 
 
 def build_dataset(cfg, image_size: int, rank: int = 0, world: int = 1):

@@ -27,8 +27,8 @@ from ..checkpoint import CheckpointError
 from ..model import Blip
 from . import distributed as dist
 from .config import TrainConfig
-from .data import SeededItems, batches_per_epoch, build_dataset, make_loader
-from .init_weights import load_bert_text, load_vit, summary
+from .data import SeededItems, WordSwap, batches_per_epoch, build_dataset, make_loader
+from .init_weights import clip_init, load_bert_text, load_vit, summary
 from .objectives import PretrainObjective, StepInfo
 from .schedule import build_schedule
 
@@ -41,7 +41,10 @@ def build_objective(cfg: TrainConfig, model: Blip) -> torch.nn.Module:
     if cfg.task == "pretrain":
         return PretrainObjective(model, queue_size=cfg.queue_size, momentum=cfg.momentum, alpha=cfg.alpha,
                                  alpha_ramp_epochs=cfg.alpha_ramp_epochs, negatives_all_rank=cfg.negatives_all_rank,
-                                 label_smoothing=cfg.label_smoothing, queue_init=cfg.queue_init)
+                                 label_smoothing=cfg.label_smoothing, queue_init=cfg.queue_init,
+                                 itc_only_steps=cfg.itc_only_steps, distill=cfg.distill,
+                                 loss_weights=cfg.loss_weights, itm_hard_from=cfg.itm_hard_from,
+                                 itm_swap_from=cfg.itm_swap_from)
     raise ValueError(f"no objective for task {cfg.task!r}")
 
 
@@ -253,22 +256,25 @@ class Trainer:
                              f"{cfg.batch_size * self.world}")
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.init_lr,
                                            weight_decay=cfg.weight_decay, foreach=True)
-        self.schedule = build_schedule(cfg.schedule, init_lr=cfg.init_lr, min_lr=cfg.min_lr, decay=cfg.lr_decay,
-                                       warmup_lr=cfg.warmup_lr, warmup_steps=cfg.warmup_steps, epochs=cfg.epochs)
         self.net = self.objective
         if self.world > 1:  # queues stay equal by construction: no per-step buffer broadcast
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = DistributedDataParallel(self.objective, device_ids=ids, broadcast_buffers=False)
+            self.net = DistributedDataParallel(self.objective, device_ids=ids, broadcast_buffers=False,
+                                               find_unused_parameters=cfg.itc_only_steps > 0)  # ITC-only steps
         if dataset is None:
             dataset = build_dataset(cfg, model.config.vision.image_size, self.rank, self.world)
         if not isinstance(dataset, torch.utils.data.IterableDataset) and not isinstance(dataset, SeededItems):
-            dataset = SeededItems(dataset, seed=cfg.seed)
+            dataset = SeededItems(dataset, seed=cfg.seed, swap=WordSwap.build(cfg.itm_swap_words))
         self.dataset = dataset
         micro = batches_per_epoch(dataset, cfg, self.world)
         available = micro // cfg.grad_accum if micro is not None else cfg.steps_per_epoch
         self.steps_per_epoch = min(cfg.steps_per_epoch, available) if cfg.steps_per_epoch else available
         if self.steps_per_epoch < 1:
             raise ValueError("the data gives less than one optimizer step per epoch (or set steps_per_epoch)")
+        self.schedule = build_schedule(cfg.schedule, init_lr=cfg.init_lr, min_lr=cfg.min_lr, decay=cfg.lr_decay,
+                                       warmup_lr=cfg.warmup_lr, warmup_steps=cfg.warmup_steps, epochs=cfg.epochs,
+                                       steps_per_epoch=self.steps_per_epoch,
+                                       total_steps=cfg.epochs * self.steps_per_epoch)
         self.epoch = self.step = self.global_step = 0
         seed_all(cfg.seed + self.rank)
 
@@ -299,6 +305,8 @@ class Trainer:
 
     def _init_weights(self, model: Blip) -> dict:
         report = {}
+        if self.cfg.init_scheme == "clip":  # before loading: loaded weights keep their values
+            clip_init(model)
         if self.cfg.init_text:
             report["text"] = load_bert_text(model, self.cfg.init_text)
         if self.cfg.init_vision:

@@ -8,6 +8,7 @@ knows nothing else, so finetuning objectives plug into the same loop.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -240,16 +241,32 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float 
 
 # ------------------------------------------------------------------------------ the objective
 class PretrainObjective(nn.Module):
-    """loss = ITC + ITM + LM over a batch {"image", "input_ids", "attention_mask"} ([CLS] first)."""
+    """loss = ITC + ITM + LM over a batch {"image", "input_ids", "attention_mask"} ([CLS] first).
+
+    Options beyond the paper, for short from-scratch runs (off by default): `distill=False` drops the
+    momentum towers (ITC against the online in-batch features, gradients through both sides, as CLIP);
+    `itc_only_steps` trains ITC alone for the first steps; before `itm_hard_from` (None: never) ITM's
+    in-batch negatives are drawn uniformly rather than by similarity; from `itm_swap_from` on, a batch carrying "neg_input_ids"
+    (captions with one attribute word replaced, see `blip.train.data.WordSwap`) gives ITM one more negative
+    per pair."""
 
     def __init__(self, model: nn.Module, queue_size: int = 57600, momentum: float = 0.995, alpha: float = 0.4,
                  alpha_ramp_epochs: float = 2, negatives_all_rank: bool = False, label_smoothing: float = 0.1,
-                 queue_init: str = "empty"):
+                 queue_init: str = "empty", itc_only_steps: int = 0, distill: bool = True,
+                 loss_weights: dict | None = None, itm_hard_from: int | None = 0,
+                 itm_swap_from: int = 0):
         super().__init__()
         self.model = model
+        self.itm_hard_from, self.itm_swap_from = itm_hard_from, itm_swap_from
+        self.weights = {"ita": 1.0, "itm": 1.0, "lm": 1.0, **(loss_weights or {})}
+        if set(self.weights) != {"ita", "itm", "lm"}:
+            raise ValueError(f"loss_weights takes ita, itm and lm, not {sorted(set(self.weights) - {'ita', 'itm', 'lm'})}")
+        self.itc_only_steps = itc_only_steps
         if model.text_decoder.bert.embeddings is not model.text_encoder.embeddings:
             tie_text_towers(model)
-        self.momentum = MomentumTowers(model, momentum, queue_size, queue_init)
+        if not distill and queue_size:
+            raise ValueError("distill=False keeps no momentum features: set queue_size to 0")
+        self.momentum = MomentumTowers(model, momentum, queue_size, queue_init) if distill else None
         self.alpha, self.alpha_ramp_epochs = alpha, alpha_ramp_epochs
         self.negatives_all_rank = negatives_all_rank
         self.label_smoothing = label_smoothing
@@ -263,21 +280,42 @@ class PretrainObjective(nn.Module):
         image_embeds = m.visual_encoder(images)
         image_feat = F.normalize(m.vision_proj(image_embeds[:, 0]).float(), dim=-1)
         text_feat = F.normalize(m.text_proj(m.text_encoder(ids, mask, mode="text")[:, 0]).float(), dim=-1)
-        with torch.no_grad():
-            if info.first_micro_batch:
-                self.momentum.update(m)
-            image_feat_m, text_feat_m = self.momentum.features(images, ids, mask)
+        if self.momentum is not None:
+            with torch.no_grad():
+                if info.first_micro_batch:
+                    self.momentum.update(m)
+                image_feat_m, text_feat_m = self.momentum.features(images, ids, mask)
+            queues = self.momentum.queues()
+        else:  # the online features stand in for the momentum ones: plain in-batch InfoNCE
+            alpha, image_feat_m, text_feat_m = 0.0, image_feat, text_feat
+            queues = (image_feat.new_zeros(image_feat.shape[1], 0),) * 2
         with torch.autocast(images.device.type, enabled=False):
-            loss_ita, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m,
-                                                  *self.momentum.queues(), m.temp, alpha)
-        kv = m.text_encoder.cross_kv(image_embeds)  # one K/V per image for every cross-attention pass
-        loss_itm = self.itm(image_embeds, image_feat, text_feat, ids, mask, sim_i2t, sim_t2i, kv)
-        loss_lm = self.lm(ids, mask, image_embeds, kv)
-        self.momentum.enqueue(image_feat_m, text_feat_m)
-        return {"loss": loss_ita + loss_itm + loss_lm, "loss_ita": loss_ita.detach(), "loss_itm": loss_itm.detach(),
-                "loss_lm": loss_lm.detach(), "alpha": alpha, "temp": m.temp.detach()}
+            loss_ita, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, *queues, m.temp, alpha)
+        step = info.epoch * info.steps_per_epoch + info.step
+        if step < self.itc_only_steps:
+            # ITC alone first: from scratch, ITM's hard negatives and LM's grounding need aligned features
+            # to learn from, and an ITC-only step costs a fraction of a full one
+            loss_itm = loss_lm = loss_ita.new_zeros(())
+        else:
+            kv = m.text_encoder.cross_kv(image_embeds)  # one K/V per image for every cross-attention pass
+            if self.itm_hard_from is None or step < self.itm_hard_from:  # in-batch negatives drawn uniformly
+                sim_i2t, sim_t2i = torch.zeros_like(sim_i2t), torch.zeros_like(sim_t2i)
+            swap = [batch.get(k) for k in ("neg_input_ids", "neg_attention_mask", "neg_valid")]
+            loss_itm = self.itm(image_embeds, image_feat, text_feat, ids, mask, sim_i2t, sim_t2i, kv,
+                                *(swap if step >= self.itm_swap_from else ()))
+            loss_lm = self.lm(ids, mask, image_embeds, kv)
+        if self.momentum is not None:
+            self.momentum.enqueue(image_feat_m, text_feat_m)
+        swaps = int(batch["neg_valid"].sum()) if "neg_valid" in batch and step >= self.itm_swap_from else 0
+        p = ids.shape[0] / (3 * ids.shape[0] + swaps)  # ITM's positive share: a head that learnt nothing sits at H(p)
+        w = self.weights
+        loss = w["ita"] * loss_ita + w["itm"] * loss_itm + w["lm"] * loss_lm
+        return {"loss": loss, "loss_ita": loss_ita.detach(), "loss_itm": loss_itm.detach(),
+                "loss_lm": loss_lm.detach(), "alpha": alpha, "temp": m.temp.detach(),
+                "itm_prior": -(p * math.log(p) + (1 - p) * math.log(1 - p))}
 
-    def itm(self, image_embeds, image_feat, text_feat, ids, mask, sim_i2t, sim_t2i, kv) -> torch.Tensor:
+    def itm(self, image_embeds, image_feat, text_feat, ids, mask, sim_i2t, sim_t2i, kv,
+            swap_ids=None, swap_mask=None, swap_valid=None) -> torch.Tensor:
         m, bs = self.model, ids.shape[0]
         enc_ids = ids.clone()
         enc_ids[:, 0] = ENC_ID
@@ -296,7 +334,14 @@ class PretrainObjective(nn.Module):
             cand_ids, cand_mask = enc_ids, mask
             neg_kv = [(k[neg_img], v[neg_img]) for k, v in kv]
         pos, neg_text, neg_image = self.itm_states(enc_ids, mask, cand_ids[neg_txt], cand_mask[neg_txt], kv, neg_kv)
-        logits = m.itm_head(torch.cat([pos, neg_text, neg_image]))
+        negatives = [neg_text, neg_image]
+        if swap_ids is not None and bool(swap_valid.any()):  # (image b, its caption with one word replaced)
+            rows = swap_valid.nonzero()[:, 0]
+            s_ids = swap_ids[rows].clone()
+            s_ids[:, 0] = ENC_ID
+            s_kv = KVCache([(k[rows], v[rows]) for k, v in kv], None)
+            negatives.append(m.text_encoder(s_ids, swap_mask[rows], mode="multimodal", cache=s_kv)[:, 0])
+        logits = m.itm_head(torch.cat([pos, *negatives]))
         return itm_loss(logits[:bs], logits[bs:])
 
     def itm_states(self, ids, mask, neg_ids, neg_mask, kv, neg_kv):

@@ -1,6 +1,8 @@
 """Learning-rate schedules as pure functions of (epoch, step in epoch): resuming needs no state.
 
-`step_warmup` is the official pretraining schedule, `cosine` the official finetuning one.
+`step_warmup` is the official pretraining schedule, `cosine` the official finetuning one; `warmup_cosine`
+(linear warmup, then a per-step cosine to min_lr over the whole run) suits short runs of a few hundred steps,
+where a per-epoch schedule changes the lr only once or twice.
 """
 from __future__ import annotations
 
@@ -36,10 +38,34 @@ class Cosine:
         return (self.init_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs)) + self.min_lr
 
 
+@dataclass
+class WarmupCosine:
+    """Global step g = epoch * steps_per_epoch + step: linear from warmup_lr to init_lr over warmup_steps,
+    then min_lr + (init_lr - min_lr) * 0.5 * (1 + cos(pi * (g - warmup) / (total - warmup)))."""
+    init_lr: float = 1e-3
+    min_lr: float = 1e-6
+    warmup_lr: float = 1e-6
+    warmup_steps: int = 50
+    steps_per_epoch: int = 1
+    total_steps: int = 1
+
+    def __call__(self, epoch: int, step: int) -> float:
+        g = epoch * self.steps_per_epoch + step
+        if g < self.warmup_steps:
+            return self.warmup_lr + (self.init_lr - self.warmup_lr) * g / self.warmup_steps
+        t = min(1.0, (g - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_lr + (self.init_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+SCHEDULES = ("step_warmup", "cosine", "warmup_cosine")
+
+
 def build_schedule(name: str, *, init_lr: float, min_lr: float, decay: float, warmup_lr: float,
-                   warmup_steps: int, epochs: int):
+                   warmup_steps: int, epochs: int, steps_per_epoch: int = 1, total_steps: int = 1):
     if name == "step_warmup":
         return StepWarmup(init_lr, min_lr, decay, warmup_lr, warmup_steps)
     if name == "cosine":
         return Cosine(init_lr, min_lr, epochs)
-    raise ValueError(f"unknown schedule {name!r}; expected step_warmup or cosine")
+    if name == "warmup_cosine":
+        return WarmupCosine(init_lr, min_lr, warmup_lr, warmup_steps, steps_per_epoch, total_steps)
+    raise ValueError(f"unknown schedule {name!r}; expected one of {', '.join(SCHEDULES)}")

@@ -1,0 +1,148 @@
+"""The short-run recipe options beyond the paper: in-batch ITC without momentum towers, ITC-only warmup
+steps, word-swap ITM negatives, the per-step warmup-cosine schedule."""
+import math
+import random
+
+import torch
+import torch.nn.functional as F
+
+import blip
+from blip.train import objectives as obj
+from blip.train.config import TrainConfig
+from blip.train.data import Collate, SeededItems, WordSwap
+from blip.train.loop import Trainer
+from blip.train.schedule import WarmupCosine
+
+from test_train import tiny_batch
+
+
+def test_word_swap_replaces_one_word_of_its_group():
+    swap = WordSwap([["red", "blue", "green"], ["left", "right"]])
+    rng = random.Random(0)
+    for _ in range(50):
+        out = swap("a red circle on the left of a blue star", rng)
+        a, b = "a red circle on the left of a blue star".split(), out.split()
+        changed = [(x, y) for x, y in zip(a, b) if x != y]
+        assert len(a) == len(b) and len(changed) == 1
+        x, y = changed[0]
+        assert {x, y} <= {"red", "blue", "green"} or {x, y} == {"left", "right"}
+    assert swap("two cats", rng) is None
+    assert swap("a Red square", random.Random(1)).split()[0:3:2] == ["a", "square"]  # case-insensitive, whole words
+    assert swap("bored", rng) is None  # not inside words
+    assert WordSwap.build(None) is None and WordSwap.build("synthetic")("a cyan hexagon", rng) != "a cyan hexagon"
+
+
+def test_seeded_items_add_reproducible_swapped_captions_and_collate_marks_rows():
+    class Texts(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"image": torch.zeros(3, 8, 8), "text": ["a red circle", "two cats", "a small star", "left"][i],
+                    "index": i}
+    items = SeededItems(Texts(), seed=1, swap=WordSwap.build("synthetic"))
+    first = [items[i]["neg_text"] for i in range(4)]
+    assert first == [items[i]["neg_text"] for i in range(4)]  # same seed, epoch and index: same negative
+    assert first[1] is None and all(t is not None for t in (first[0], first[2], first[3]))
+    batch = Collate()([items[i] for i in range(4)])
+    assert batch["neg_valid"].tolist() == [True, False, True, True]
+    assert batch["neg_input_ids"].shape[0] == 4
+
+
+def test_in_batch_itc_without_momentum_is_symmetric_infonce():
+    torch.manual_seed(0)
+    model = blip.create_model("tiny", task="pretrain", device="cpu")
+    o = obj.PretrainObjective(model, queue_size=0, distill=False)
+    assert o.momentum is None and not any("_m." in k for k in o.state_dict())
+    o.eval()  # no dropout: the direct computation below sees the same features
+    batch = tiny_batch(model)
+    out = o(batch, obj.StepInfo(0, 3, 10))
+    img = F.normalize(model.vision_proj(model.visual_encoder(batch["image"])[:, 0]), dim=-1)
+    txt = F.normalize(model.text_proj(model.text_encoder(batch["input_ids"], batch["attention_mask"],
+                                                         mode="text")[:, 0]), dim=-1)
+    logits = img @ txt.t() / model.temp
+    labels = torch.arange(len(logits))
+    expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    assert torch.allclose(out["loss_ita"], expected, atol=1e-5) and out["alpha"] == 0.0
+
+
+def test_itc_only_steps_skip_itm_and_lm_then_word_swap_negatives_join_itm():
+    torch.manual_seed(0)
+    model = blip.create_model("tiny", task="pretrain", device="cpu")
+    o = obj.PretrainObjective(model, queue_size=0, distill=False, itc_only_steps=5)
+    batch = tiny_batch(model)
+    out = o(batch, obj.StepInfo(0, 4, 10))
+    assert out["loss_itm"] == 0 and out["loss_lm"] == 0
+    out["loss"].backward()
+    assert model.itm_head.weight.grad is None and model.vision_proj.weight.grad is not None
+    o.eval()
+    torch.manual_seed(1)
+    plain = o(batch, obj.StepInfo(0, 5, 10))["loss_itm"]
+    swapped = ["a dog on a blue mat", "two cats", "a red car parked by a tree", "sky"]
+    ids, mask = model.tokenizer(swapped, max_length=30)
+    none_valid = dict(batch, neg_input_ids=ids, neg_attention_mask=mask, neg_valid=torch.zeros(4, dtype=torch.bool))
+    torch.manual_seed(1)
+    assert torch.allclose(o(none_valid, obj.StepInfo(0, 5, 10))["loss_itm"], plain)  # no valid row: official ITM
+    with_swaps = dict(none_valid, neg_valid=torch.tensor([True, False, True, False]))
+    torch.manual_seed(1)
+    got = o(with_swaps, obj.StepInfo(0, 5, 10))["loss_itm"]
+    assert not torch.allclose(got, plain)
+
+
+def test_warmup_cosine_schedule():
+    s = WarmupCosine(init_lr=1e-3, min_lr=1e-4, warmup_lr=1e-6, warmup_steps=10, steps_per_epoch=50, total_steps=110)
+    assert s(0, 0) == 1e-6 and math.isclose(s(0, 5), (1e-6 + 1e-3) / 2) and math.isclose(s(0, 10), 1e-3)
+    assert math.isclose(s(1, 10), 1e-4 + 0.9e-3 * 0.5)  # halfway through the decay (global step 60)
+    assert math.isclose(s(2, 10), 1e-4) and math.isclose(s(5, 0), 1e-4)
+
+
+def test_recipe_options_train_end_to_end(tmp_path):
+    cfg = TrainConfig.from_dict(dict(model="tiny", synthetic_pairs=16, batch_size=4, queue_size=0, distill=False,
+                                     itc_only_steps=2, itm_swap_words=[["number", "digit"]], schedule="warmup_cosine",
+                                     warmup_steps=2, epochs=2, progress=False, log_interval=1, ckpt_interval=0,
+                                     device="cpu"))
+    trainer = Trainer(cfg, tmp_path / "run")
+    summary = trainer.train()
+    assert summary["finished"] and (tmp_path / "run" / "model" / "model.pth").exists()
+    model = blip.load(tmp_path / "run" / "model", device="cpu")
+    assert len(model.caption(torch.zeros(1, 3, 64, 64), num_beams=1)) == 1
+
+
+def test_loss_weights_and_easy_itm_negatives_first():
+    torch.manual_seed(0)
+    model = blip.create_model("tiny", task="pretrain", device="cpu")
+    batch = tiny_batch(model)
+    o = obj.PretrainObjective(model, queue_size=0, distill=False, loss_weights={"itm": 3.0, "lm": 0.5},
+                              itm_hard_from=10, itm_swap_from=10)
+    o.eval()
+    out = o(batch, obj.StepInfo(0, 3, 10))
+    expected = out["loss_ita"] + 3.0 * out["loss_itm"] + 0.5 * out["loss_lm"]
+    assert torch.allclose(out["loss"].detach(), expected)
+    # before itm_swap_from: no word swaps (same loss with or without them)
+    ids, mask = model.tokenizer(["a dog on a blue mat", "two cats", "a red car parked by a tree", "sky"], max_length=30)
+    swaps = dict(batch, neg_input_ids=ids, neg_attention_mask=mask, neg_valid=torch.ones(4, dtype=torch.bool))
+    torch.manual_seed(5)
+    early = o(swaps, obj.StepInfo(0, 9, 10))
+    torch.manual_seed(5)
+    assert torch.allclose(early["loss_itm"], o(batch, obj.StepInfo(0, 9, 10))["loss_itm"])
+    assert math.isclose(early["itm_prior"], -(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3)))
+    late = o(swaps, obj.StepInfo(1, 0, 10))
+    assert math.isclose(late["itm_prior"], -(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    try:
+        obj.PretrainObjective(model, queue_size=0, distill=False, loss_weights={"itc": 1.0})
+    except ValueError as e:
+        assert "ita" in str(e)
+    else:
+        raise AssertionError("an unknown loss name must be refused")
+
+
+def test_clip_init_widens_the_attention_weights_from_scratch():
+    from blip.train.init_weights import clip_init
+    torch.manual_seed(0)
+    model = blip.create_model("mini", task="pretrain", device="cpu")
+    before = model.visual_encoder.blocks[0].attn.qkv.weight.std().item()
+    done = clip_init(model)
+    after = model.visual_encoder.blocks[0].attn.qkv.weight.std().item()
+    assert abs(before - 0.02) < 0.003 and abs(after - 192 ** -0.5) < 0.005
+    cross = model.text_encoder.layers[0].crossattention.self.query.weight.std().item()
+    assert abs(cross - 192 ** -0.5) < 0.005 and "visual_encoder" in done
