@@ -1,6 +1,7 @@
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
+DEMO_ARGS ?=   # e.g. make demo DEMO_ARGS="--seed 7"
 
 .PHONY: demo test bench clean
 
@@ -11,7 +12,7 @@ $(BIN)/blip: pyproject.toml
 	@touch $(BIN)/blip
 
 demo: $(BIN)/blip
-	$(BIN)/python -m blip.demo
+	$(BIN)/python -m blip.demo $(DEMO_ARGS)
 
 test: $(BIN)/blip
 	$(BIN)/python -m pytest -q
