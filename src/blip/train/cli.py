@@ -8,14 +8,12 @@ import sys
 
 
 def cmd_pretrain(args) -> int:
-    import torch
-
     from . import distributed as dist
     from .config import TrainConfig, apply_overrides
-    from .loop import Trainer
+    from .loop import Trainer, read_training_checkpoint
 
     if args.resume and not args.config:  # the run's own config, with overrides
-        saved = torch.load(args.resume, map_location="cpu", weights_only=True)["train_config"]
+        saved = read_training_checkpoint(args.resume)["train_config"]
         cfg = TrainConfig.from_dict(apply_overrides(saved, args.overrides))
     else:
         cfg = TrainConfig.load(args.config, args.overrides)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..checkpoint import CheckpointError, load_torch_file
 from ..model import Blip
 from . import distributed as dist
 from .config import TrainConfig
@@ -90,6 +91,16 @@ def load_flat_state_dict(objective: torch.nn.Module, sd: dict) -> None:
 
 
 # ------------------------------------------------------------------------------ the trainer
+def read_training_checkpoint(path: str | Path) -> dict:
+    """What `Trainer.save` wrote, or a CheckpointError naming the file (truncated, or another kind)."""
+    ckpt = load_torch_file(path, mmap=False)
+    keys = set(ckpt) if isinstance(ckpt, dict) else set()
+    missing = sorted({"model", "optimizer", "progress", "rng", "train_config"} - keys)
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint (out/checkpoint.pt): it lacks {', '.join(missing)}")
+    return ckpt
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = None,
                  dataset=None, objective_fn=build_objective):
@@ -172,7 +183,7 @@ class Trainer:
         return path
 
     def load(self, path: str | Path) -> None:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        ckpt = read_training_checkpoint(path)
         load_flat_state_dict(self.objective, ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         p = ckpt["progress"]
