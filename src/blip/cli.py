@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .factory import DTYPE_NAMES
@@ -54,6 +55,18 @@ def _model(args, task: str):
     return blip.load(name, task=args.task, device=args.device, dtype=args.dtype)
 
 
+def _say(line: str) -> None:
+    """One whole line on stderr, around the progress bar (cleared and redrawn) and never mixed with a line
+    from another thread: Pillow warns from the decoding threads."""
+    from tqdm import tqdm
+    tqdm.write(line, file=sys.stderr)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Library warnings (Pillow's on odd files, say) as one stderr line, without their source line."""
+    _say(f"blip: warning: {' '.join(str(message).split())}")
+
+
 def _batches(paths: list[str], size: int, image_size: int, workers: int | None, progress: bool):
     """Yield lists of (path, normalised image tensor) of `size` readable images; report and skip the
     others. Images decode in `workers` threads, the next batch while the model runs on this one."""
@@ -65,7 +78,7 @@ def _batches(paths: list[str], size: int, image_size: int, workers: int | None, 
     batch: list = []
     for i, x in iter_images(paths, image_size, workers=workers, ahead=2 * size):
         if isinstance(x, ImageError):
-            print(f"blip: error: {x}", file=sys.stderr)
+            _say(f"blip: error: {x}")
         else:
             batch.append((paths[i], x))
         if len(batch) == size:
@@ -326,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="blip: %(message)s")
+    warnings.showwarning = _one_line_warning
+    if hasattr(sys.stdout, "reconfigure"):  # file names that are not UTF-8 print as their own bytes, as ls does
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         return args.func(args)
     except KeyboardInterrupt:

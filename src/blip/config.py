@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,17 +63,22 @@ class BlipConfig:
     label_smoothing: float = 0.1
 
     def __post_init__(self):
-        if isinstance(self.vision, dict):
-            self.vision = VisionConfig(**self.vision)
-        if isinstance(self.text, dict):
-            self.text = TextConfig(**self.text)
+        self.vision = _tower(VisionConfig, self.vision, "vision")
+        self.text = _tower(TextConfig, self.text, "text")
+        check_types(self)
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join(TASKS)}")
-        for tower in (self.vision, self.text):
+        for name, tower in (("vision", self.vision), ("text", self.text)):
+            for f in dataclasses.fields(tower):  # sizes and divisors: 0 fails here, not in a modulo
+                value, least = getattr(tower, f.name), 0 if f.name == "checkpoint_layers" else 1
+                if type(value) is int and value < least:
+                    raise ValueError(f"{name}.{f.name} must be >= {least}, got {value}")
             if tower.width % tower.heads:
-                raise ValueError(f"width {tower.width} is not a multiple of heads {tower.heads}")
+                raise ValueError(f"{name}.width {tower.width} is not a multiple of {name}.heads {tower.heads}")
         if self.vision.image_size % self.vision.patch_size:
-            raise ValueError("image_size must be a multiple of patch_size")
+            raise ValueError("vision.image_size must be a multiple of vision.patch_size")
+        if self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
 
     @property
     def cross_width(self) -> int:
@@ -87,11 +95,7 @@ class BlipConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BlipConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known - {"format", "version"}
-        if unknown:
-            raise ValueError(f"unknown config keys: {sorted(unknown)}")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**known_keys(cls, data, "", extra={"format", "version"}))
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> "BlipConfig":
@@ -104,30 +108,89 @@ class BlipConfig:
         data = self.to_dict()
         for key, value in overrides.items():
             node, *rest = key.split(".")
-            target, name = (data, node) if not rest else (data[node], rest[0])
-            if node not in data or (rest and rest[0] not in data[node]):
+            target, name = (data, node) if not rest else (data.get(node), rest[0])
+            if len(rest) > 1 or not isinstance(target, dict) or name not in target:
                 raise ValueError(f"unknown config key {key!r}")
             target[name] = _coerce(value, target[name])
         return BlipConfig.from_dict(data)
 
 
 def _coerce(value: Any, current: Any) -> Any:
-    """Parse a CLI string into the type of the field it overrides."""
+    """Parse a CLI string into the type of the field it overrides; a string that does not parse is
+    kept as it is, so that the type check names the key."""
     if not isinstance(value, str) or isinstance(current, str):
         return value
     if isinstance(current, bool):
-        if value.lower() in ("1", "true", "yes"):
-            return True
-        if value.lower() in ("0", "false", "no"):
-            return False
-        raise ValueError(f"expected a boolean, got {value!r}")
+        return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(value.lower(), value)
     if value.lower() in ("none", "null"):
         return None
-    if isinstance(current, int):
-        return int(value)
-    if isinstance(current, float):
-        return float(value)
-    return json.loads(value) if current is None and value[:1].isdigit() else value
+    try:
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        return json.loads(value) if current is None else value
+    except ValueError:
+        return value
+
+
+# ---------------------------------------------------------------------------------------- checking
+def known_keys(cls, data: Any, prefix: str, extra: frozenset | set = frozenset()) -> dict[str, Any]:
+    """`data` as keyword arguments of dataclass `cls`: a JSON object whose keys are its fields."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'a config'} must be a JSON object, got {_show(data)}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(prefix + str(k) for k in set(data) - known - extra)
+    if unknown:
+        raise ValueError(f"unknown config keys: {unknown}")
+    return {k: v for k, v in data.items() if k in known}
+
+
+def _tower(cls, value: Any, name: str):
+    return value if isinstance(value, cls) else cls(**known_keys(cls, value, name + "."))
+
+
+def check_types(obj, prefix: str = "") -> None:
+    """Check every field of dataclass `obj` (and of the dataclasses it holds) against its annotation, and
+    widen ints given for floats: a wrong-typed value from a JSON file or a key=value override then fails
+    at once with a message naming its key, not later as a TypeError deep inside the model or the loop."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key, value = prefix + f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_types(value, key + ".")
+        else:
+            setattr(obj, f.name, _typed(value, hints[f.name], key))
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+               list: "a list", dict: "an object", type(None): "null"}
+
+
+def _typed(value: Any, hint: Any, key: str) -> Any:
+    """`value` if it is of type `hint` (int, float, bool, str, list[X], dict[str, X], X | None; an int
+    stands for a float), else a ValueError naming `key`."""
+    if hint is Any:
+        return value
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        origin, args = typing.get_origin(option) or option, typing.get_args(option)
+        if origin is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                return float(value)
+        elif isinstance(value, origin) and not (origin is int and isinstance(value, bool)):
+            if origin is list and args:
+                return [_typed(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+            if origin is dict and args:
+                return {_typed(k, args[0], f"{key} key"): _typed(v, args[1], f"{key}[{k!r}]") for k, v in value.items()}
+            return value
+    expected = " or ".join(_TYPE_NAMES.get(typing.get_origin(o) or o, getattr(o, "__name__", str(o))) for o in options)
+    raise ValueError(f"config key {key!r} must be {expected}, got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _preset(vision: dict, text: dict, **kw) -> BlipConfig:
@@ -155,7 +218,7 @@ PRESETS = {
 
 def get_config(name: str, **overrides: Any) -> BlipConfig:
     """A preset by name (tiny, mini, small, base, large), with dotted overrides."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; expected one of {', '.join(PRESETS)}")
     config = PRESETS[name]()
     return config.replace(**overrides) if overrides else config

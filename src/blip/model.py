@@ -19,7 +19,7 @@ from torch import nn
 from .config import BlipConfig
 from .generation import GenerationConfig, generate
 from .med import TextDecoder, TextTransformer, init_bert_weights
-from .tokenizer import DEC_ID, ENC_ID, SEP_ID, get_tokenizer, pre_caption, pre_question
+from .tokenizer import DEC_ID, ENC_ID, SEP_ID, as_texts, get_tokenizer, pre_caption, pre_question
 from .transform import image_batches, prepare_images
 from .vit import VisionTransformer
 
@@ -98,9 +98,7 @@ class Blip(nn.Module):
         return prepare_images(images, self.config.vision.image_size, device=self.device, dtype=self.dtype)
 
     def _texts(self, texts, max_length: int, first_token: int | None, clean=pre_caption):
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = [clean(t) for t in texts]
+        texts = [clean(t) for t in as_texts(texts)]
         ids, mask = self.tokenizer(texts, max_length=max_length, first_token=first_token)
         return ids.to(self.device), mask.to(self.device)
 
@@ -165,9 +163,7 @@ class Blip(nn.Module):
         self._require("match", self.has("text_encoder", "itm_head"))
         if first_token not in ("enc", "cls"):
             raise ValueError("first_token must be 'enc' or 'cls'")
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            raise ValueError("match needs at least one text")
+        texts = as_texts(texts)
         image_states = self.encode_image(images)
         n = image_states.shape[0]
         if n != 1 and n != len(texts):
@@ -229,7 +225,7 @@ class Blip(nn.Module):
     # ----------------------------------------------------------------- VQA
     def _question_states(self, images, questions, max_length: int = 35):
         self._require("answer", self.config.task == "vqa")
-        questions = [questions] if isinstance(questions, str) else list(questions)
+        questions = as_texts(questions)
         image_states = self.encode_image(images)
         if image_states.shape[0] != len(questions):
             if image_states.shape[0] != 1:

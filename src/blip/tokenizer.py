@@ -17,6 +17,18 @@ PAD_ID, UNK_ID, CLS_ID, SEP_ID = 0, 100, 101, 102
 DEC_ID, ENC_ID = 30522, 30523
 
 _PUNCT = re.compile(r"([.!\"()*#:;~])")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def as_texts(texts) -> list[str]:
+    """A string or a sequence of strings as a non-empty list. Lone surrogates (what Python makes of
+    command-line bytes that are not UTF-8) become U+FFFD ([UNK]): `tokenizers` refuses them with a TypeError."""
+    texts = [texts] if isinstance(texts, str) else texts
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise TypeError(f"texts must be a string or a list of strings, got {repr(texts)[:60]}")
+    if not texts:
+        raise ValueError("give at least one text")
+    return [_SURROGATE.sub("\ufffd", t) for t in texts]
 
 
 def pre_caption(caption: str, max_words: int = 50) -> str:
@@ -62,7 +74,9 @@ class BlipTokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {repr(text)[:60]}")
+        return self._tok.encode(as_texts(text)[0], add_special_tokens=add_special_tokens).ids
 
     def __call__(self, texts: str | list[str], max_length: int | None = None, padding: str = "longest",
                  first_token: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,13 +85,10 @@ class BlipTokenizer:
         padding: "longest" or "max_length". first_token replaces [CLS] (ENC_ID for the image-grounded
         encoder, DEC_ID for the decoder), as the official models do after tokenising.
         """
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("texts must be a string or a list of strings")
+        texts = as_texts(texts)
         if padding not in ("longest", "max_length"):
             raise ValueError("padding must be 'longest' or 'max_length'")
-        encodings = self._tok.encode_batch(list(texts))
+        encodings = self._tok.encode_batch(texts)
         seqs = []
         for enc in encodings:
             ids = enc.ids

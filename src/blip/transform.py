@@ -23,7 +23,7 @@ import threading
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 # -----------------------------------------------------------------------------
 # constants
@@ -191,7 +191,8 @@ def load_image(src, *, draft_size=None):
                 with _pillow_limit_lifted():  # header only; our own bound is checked next
                     img = Image.open(fp)
             except Exception as e:
-                raise ImageError(f"cannot load image {name}: not a readable image ({_one_line(e)})") from None
+                why = "no known image format" if isinstance(e, UnidentifiedImageError) else _one_line(e)
+                raise ImageError(f"cannot load image {name}: not a readable image ({why})") from None
 
         _check_size(img, name)
         if draft_size is not None and img is not src and img.format in ("JPEG", "MPO"):

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import check_types, known_keys
 from .schedule import SCHEDULES
 
 
@@ -25,9 +27,9 @@ class TrainConfig:
     init_scheme: str = "official"          # from-scratch init: "official" (timm / BERT, std 0.02) or "clip"
     #                                        (CLIP's larger ViT and attention query/key init: train/init_weights)
     # data
-    train_files: list = field(default_factory=list)  # JSON lists of {"image", "caption"}
+    train_files: list[str] = field(default_factory=list)  # JSON lists of {"image", "caption"}
     image_root: str | None = None
-    shards: list = field(default_factory=list)       # tar shards (paths, globs, {a..b}): a stream
+    shards: list[str] = field(default_factory=list)  # tar shards (paths, globs, {a..b}): a stream
     shuffle_buffer: int = 1000             # stream shuffle buffer (shards only)
     synthetic_pairs: int = 0               # random in-memory pairs (tests, smoke runs)
     image_size: int | None = None          # None: the preset's
@@ -50,7 +52,7 @@ class TrainConfig:
     warmup_steps: int = 3000
     lr_decay: float = 0.9
     weight_decay: float = 0.05
-    lr_scales: dict = field(default_factory=dict)  # {regex: lr multiplier}: first re.search match on a
+    lr_scales: dict[str, float] = field(default_factory=dict)  # {regex: lr multiplier}: first re.search match on a
     #                                        parameter name (official layout, e.g. "visual_encoder.blocks.0...");
     #                                        unmatched parameters: 1. Empty: one group (official)
     grad_accum: int = 1
@@ -60,7 +62,7 @@ class TrainConfig:
     queue_size: int = 57600
     queue_init: str = "empty"              # "empty": unwritten slots left out; "random": official unit vectors
     alpha: float = 0.4
-    alpha_ramp_epochs: float = 2
+    alpha_ramp_epochs: float = 2.0
     momentum: float = 0.995
     negatives_all_rank: bool = False
     label_smoothing: float = 0.1
@@ -82,6 +84,15 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        if isinstance(self.shards, str):
+            self.shards = [self.shards]
+        if isinstance(self.train_files, str):
+            self.train_files = [self.train_files]
+        check_types(self)
+        counts = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "seed"}
+        negative = [k for k, v in counts.items() if type(v) is int and v < 0]
+        if negative:
+            raise ValueError(f"config keys {negative} must be >= 0")
         if self.grad_accum < 1 or self.batch_size < 1:
             raise ValueError("batch_size and grad_accum must be >= 1")
         if self.schedule not in SCHEDULES:
@@ -92,25 +103,29 @@ class TrainConfig:
             raise ValueError("text_padding must be 'longest' or 'max_length'")
         if self.negatives_all_rank:  # token ids are gathered across ranks: equal widths
             self.text_padding = "max_length"
-        if isinstance(self.shards, str):
-            self.shards = [self.shards]
-        if isinstance(self.train_files, str):
-            self.train_files = [self.train_files]
+        for pattern in self.lr_scales:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"lr_scales key {pattern!r} is not a regular expression: {e}") from None
+        self.model_config()  # a wrong preset, task or model override fails here, not when training starts
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        data = {k: v for k, v in data.items() if not k.startswith("_")}
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
-        return cls(**data)
+        comments = {k for k in data if isinstance(k, str) and k.startswith("_")} if isinstance(data, dict) else set()
+        return cls(**known_keys(cls, data, "", extra=comments))
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "TrainConfig":
-        data = json.loads(Path(path).read_text()) if path else {}
+        data = {}
+        if path:
+            try:
+                data = json.loads(Path(path).read_text())
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                raise ValueError(f"{path} is not a JSON file: {e}") from None
         return cls.from_dict(apply_overrides(data, overrides or []))
 
     def model_config(self):
@@ -130,7 +145,10 @@ def _value(text: str) -> Any:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """`key=value` pairs (value parsed as JSON when it is JSON) onto a config dict."""
-    data = dict(data, model_overrides=dict(data.get("model_overrides", {})))
+    nested = data.get("model_overrides", {}) if isinstance(data, dict) else None
+    if not isinstance(nested, dict):
+        return data  # not an object: TrainConfig.from_dict says what is wrong
+    data = dict(data, model_overrides=dict(nested))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
