@@ -21,6 +21,16 @@ def _models_default_to_the_cpu():
     patch.undo()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and two OpenMP threads crawl on a busy 2-core box); test files
+    of tiny training runs use it for every test (pytestmark)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def hf_dirs(tmp_path_factory):
     """Tiny transformers BLIP models (caption, retrieval, vqa) saved as folders, with the models."""

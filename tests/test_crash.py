@@ -22,12 +22,7 @@ STEPS = 24
 TIMEOUT = 90  # seconds, per process
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def start(out, pause_in_save=False):

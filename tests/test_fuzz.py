@@ -41,13 +41,7 @@ def fuzz(n: int):
     return settings(FUZZ, max_examples=n * SCALE)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(*argv) -> tuple[int, str, str]:

@@ -15,13 +15,7 @@ from blip.train.init_weights import load_bert_text, load_vit
 from blip.train.loop import JsonLog, Trainer
 from blip.train.schedule import Cosine, StepWarmup
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and two OpenMP threads crawl on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = ["model=tiny", "synthetic_pairs=12", "batch_size=4", "queue_size=16", "warmup_steps=3", "init_lr=1e-3",

@@ -19,12 +19,7 @@ TINY = ["model=tiny", "synthetic_pairs=12", "batch_size=4", "queue_size=16", "wa
         "progress=false", "log_interval=1", "ckpt_interval=2", "seed=3", "device=cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

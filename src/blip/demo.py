@@ -23,14 +23,14 @@ BASELINE = {"ir@1": 8.5, "tr@1": 19.0}
 
 def targets(q: dict, train_minutes: float, itm_train_loss: float | None, itm_prior: float | None) -> list[tuple]:
     """(name, figure, target, met) for the four targets of "the embedded default must learn"."""
-    r = q.get("retrieval_itm") or q["retrieval_itc"]
+    r = q["retrieval_itc"]  # as "today's" figures were measured; the ITM rerank is printed beside them
     rows = [("pretraining minutes", train_minutes, "<= 6", train_minutes <= 6.0),
             ("ITM one-attribute accuracy %", q["itm_attribute_accuracy"], ">= 90", q["itm_attribute_accuracy"] >= 90)]
     if itm_train_loss is not None and itm_prior is not None:
         rows.append(("ITM training loss", itm_train_loss, f"< {0.9 * itm_prior:.3f} (0.9 x prior)",
                      itm_train_loss < 0.9 * itm_prior))
-    rows += [("zero-shot IR@1 % (ITM rerank)", r["ir@1"], f">= {4 * BASELINE['ir@1']:.0f}", r["ir@1"] >= 4 * BASELINE["ir@1"]),
-             ("zero-shot TR@1 % (ITM rerank)", r["tr@1"], f">= {4 * BASELINE['tr@1']:.0f}", r["tr@1"] >= 4 * BASELINE["tr@1"]),
+    rows += [("zero-shot IR@1 % (ITC)", r["ir@1"], f">= {4 * BASELINE['ir@1']:.0f}", r["ir@1"] >= 4 * BASELINE["ir@1"]),
+             ("zero-shot TR@1 % (ITC)", r["tr@1"], f">= {4 * BASELINE['tr@1']:.0f}", r["tr@1"] >= 4 * BASELINE["tr@1"]),
              ("captions: one-object images right %", q["caption_single"], ">= 80", q["caption_single"] >= 80),
              ("captions: two-object larger right %", q["caption_two_larger"], ">= 60", q["caption_two_larger"] >= 60)]
     return rows
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, value, goal, met in rows:
         print(f"      {name:<{width}}  {value:7.2f}   target {goal:<22} {'met' if met else 'NOT met'}")
     print(f"      ITM accuracy by attribute: {quality['itm_by_attribute']}")
-    print(f"      retrieval ITC only: {quality['retrieval_itc']}")
+    print(f"      retrieval with the ITM rerank (k 16): {quality.get('retrieval_itm')}")
     for ex in quality["caption_examples"][:3]:
         print(f"      {ex['image']}: {ex['caption']!r}  ({'right' if ex['correct'] else 'wrong'} colour and shape)")
     (out / "demo_summary.json").write_text(json.dumps({
