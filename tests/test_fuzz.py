@@ -505,6 +505,6 @@ def test_damaged_checkpoint_file_is_a_checkpoint_error(saved, weights, fmt, cut,
 def test_truncated_training_checkpoint_and_wrong_kind_are_one_line(saved, tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes((saved / "caption" / "model.safetensors").read_bytes()[:5000])
     torch.save({"model": {"x": torch.zeros(2)}}, tmp_path / "model.pt")
-    for name, says in [("checkpoint.pt", "cannot read"), ("model.pt", "not a training checkpoint")]:
+    for name, says in [("checkpoint.pt", "is damaged"), ("model.pt", "not a training checkpoint")]:
         rc, out, err = run_cli("pretrain", "--resume", tmp_path / name)
         assert rc == 2 and err.count("\n") == 1 and says in err and name in err, err
