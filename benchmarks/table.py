@@ -1,5 +1,5 @@
-"""Print the README's speed tables from benchmarks/results/*.json (run the benchmarks first);
-`--readme` writes them into README.md in place of the tables there (the CPU one under its
+"""Print the speed tables of docs/speed.md from benchmarks/results/*.json (run the benchmarks first);
+`--readme` writes them into docs/speed.md in place of the tables there (the CPU one under its
 "| target |" header, the CUDA one under "| measure |")."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 R = Path(__file__).parent / "results"
-README = Path(__file__).parent.parent / "README.md"
+README = Path(__file__).parent.parent / "docs" / "speed.md"  # the tables live there; the README links to it
 
 
 def load(name):
