@@ -7,7 +7,7 @@ Four probes on the test split (`metadata.json` holds every test scene):
 2. Zero-shot retrieval: TR/IR@1/5 by ITC alone and with the official ITM rerank of the top k.
 3. Captions: the greedy caption names the right colour-shape pair for the object of a one-object image,
    and for the large object of a two-object image whose objects differ in size.
-4. (For the demo) the training log's last ITM loss against the ITM prior.
+4. (For the demo) the training log's last ITM loss (`training_itm_loss`).
 
 `probe(model, corpus)` returns them as one dict; `benchmarks/synthetic_quality.py` is its command line.
 """
@@ -26,8 +26,6 @@ from .synth import ANCHORS, COLORS, SHAPES, caption_variants
 
 ATTRIBUTES = ("color", "shape", "size", "position", "relation")
 TARGETS = {"itm_attribute_accuracy": 90.0, "caption_single": 80.0, "caption_two_larger": 60.0}
-# ITM's prior: the objective shows one positive for two negatives, so a head that learnt nothing sits at H(1/3)
-ITM_PRIOR = -(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3))
 
 
 def _mutated(scene: dict, attr: str, i: int):

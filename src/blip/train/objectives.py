@@ -246,9 +246,9 @@ class PretrainObjective(nn.Module):
     Options beyond the paper, for short from-scratch runs (off by default): `distill=False` drops the
     momentum towers (ITC against the online in-batch features, gradients through both sides, as CLIP);
     `itc_only_steps` trains ITC alone for the first steps; before `itm_hard_from` (None: never) ITM's
-    in-batch negatives are drawn uniformly rather than by similarity; from `itm_swap_from` on, a batch carrying "neg_input_ids"
-    (captions with one attribute word replaced, see `blip.train.data.WordSwap`) gives ITM one more negative
-    per pair."""
+    in-batch negatives are drawn uniformly rather than by similarity (not with negatives_all_rank); from
+    `itm_swap_from` on, a batch carrying "neg_input_ids" (captions with one attribute word replaced, see
+    `blip.train.data.WordSwap`) gives ITM one more negative per pair."""
 
     def __init__(self, model: nn.Module, queue_size: int = 57600, momentum: float = 0.995, alpha: float = 0.4,
                  alpha_ramp_epochs: float = 2, negatives_all_rank: bool = False, label_smoothing: float = 0.1,
