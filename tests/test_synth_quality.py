@@ -82,8 +82,7 @@ def test_probe_harness_on_a_tiny_model(tiny_setup):
     for key in ("retrieval_itc", "retrieval_itm"):
         assert set(r[key]) >= {"tr@1", "ir@1", "tr@5", "ir@5"}
     counts = r["caption_counts"]
-    assert counts["single"] + counts["two_larger"] == len(r["caption_examples"]) or len(r["caption_examples"]) == 6
-    assert counts["single"] > 0
+    assert counts["single"] > 0 and len(r["caption_examples"]) == min(6, counts["single"] + counts["two_larger"])
     # an untrained model knows nothing: far from the targets
     assert r["itm_attribute_accuracy"] < 90 and r["caption_single"] < 50
 

@@ -36,10 +36,13 @@ def targets(q: dict, train_minutes: float, itm_train_loss: float | None, itm_pri
     return rows
 
 
-def itm_label_prior(log_rows: list[dict]) -> float | None:
-    """Entropy of ITM's labels as the objective sees them: one positive for two in-batch negatives, plus one
-    word-swap negative per swappable caption when the config adds them."""
-    return next((r["itm_prior"] for r in reversed(log_rows) if "itm_prior" in r), None)
+def itm_loss_and_prior(log_rows: list[dict], last: int = 3) -> tuple[float | None, float | None]:
+    """The mean ITM loss of the last `last` log windows that computed ITM, and the entropy of ITM's labels as
+    the objective saw them (one positive for two in-batch negatives, plus the word-swap negatives)."""
+    rows = [r for r in log_rows if r.get("loss_itm")][-last:]
+    if not rows:
+        return None, None
+    return sum(r["loss_itm"] for r in rows) / len(rows), rows[-1].get("itm_prior")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import blip
     from blip.data.synth import generate_corpus
-    from blip.data.synth_quality import probe, training_itm_loss
+    from blip.data.synth_quality import probe
     from blip.train.config import TrainConfig
     from blip.train.loop import Trainer
     from blip.train.plots import plot_losses, read_log
@@ -85,8 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     t2 = time.perf_counter()
     quality = probe(model, corpus, limit=20 if args.quick else None)
     log_rows = read_log(out / "log.jsonl")
-    itm_loss, itm_prior = training_itm_loss(out / "log.jsonl"), itm_label_prior(log_rows)
-    png = plot_losses(out / "log.jsonl", out / "loss.png", title=f"{Path(args.config).name}, seed {cfg.seed}",
+    itm_loss, itm_prior = itm_loss_and_prior(log_rows)
+    png = plot_losses(log_rows, out / "loss.png", title=f"{Path(args.config).name}, seed {cfg.seed}",
                       priors={"loss_ita": math.log(cfg.batch_size), **({"loss_itm": itm_prior} if itm_prior else {})})
     print(f"[3/3] probed the test split in {(time.perf_counter() - t2) / 60:.1f} min; loss curves in {png}")
     rows = targets(quality, minutes, itm_loss, itm_prior)

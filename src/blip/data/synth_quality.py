@@ -1,13 +1,12 @@
 """What a model has learnt of the synthetic corpus, scored against its scene ground truth (not n-grams).
 
-Four probes on the test split (`metadata.json` holds every test scene):
+Three probes on the test split (`metadata.json` holds every test scene):
 
 1. ITM on one-attribute differences: for each test image, a true caption against the same sentence with
    one attribute changed (colour, shape, size, position or relation); ITM must prefer the true one.
 2. Zero-shot retrieval: TR/IR@1/5 by ITC alone and with the official ITM rerank of the top k.
 3. Captions: the greedy caption names the right colour-shape pair for the object of a one-object image,
    and for the large object of a two-object image whose objects differ in size.
-4. (For the demo) the training log's last ITM loss (`training_itm_loss`).
 
 `probe(model, corpus)` returns them as one dict; `benchmarks/synthetic_quality.py` is its command line.
 """
@@ -169,13 +168,3 @@ def probe(model, corpus: str | Path, k_test: int = 16, limit: int | None = None)
 
 def _rounded(d: dict) -> dict:
     return {k: round(v, 2) for k, v in d.items()}
-
-
-def training_itm_loss(log_path: str | Path, last: int = 3) -> float | None:
-    """Mean ITM loss of the last `last` lines of a training log.jsonl (None without one)."""
-    path = Path(log_path)
-    if not path.exists():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    vals = [r["loss_itm"] for r in rows if "loss_itm" in r][-last:]
-    return sum(vals) / len(vals) if vals else None

@@ -11,15 +11,14 @@ def read_log(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_losses(log_path: str | Path, out_png: str | Path, title: str = "pretraining",
+def plot_losses(rows: list[dict], out_png: str | Path, title: str = "pretraining",
                 priors: dict[str, float] | None = None) -> Path:
-    """One panel per loss against the optimizer step; `priors` draws a dashed line where a loss sits
+    """One panel per loss of a run's log rows (`read_log`) against the optimizer step; `priors` draws a dashed line where a loss sits
     when nothing is learnt (e.g. ITC's log(batch), ITM's label entropy). Steps where a loss was not
     computed (logged as 0, e.g. ITC-only warmup steps) are left out of its curve."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = read_log(log_path)
     names = [k for k in LOSSES if any(k in r for r in rows)]
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names):
