@@ -412,7 +412,7 @@ class MeanSquare(torch.nn.Module):
 def test_gradient_accumulation_equals_the_large_batch_on_a_pluggable_objective(tmp_path):
     runs = {}
     for accum, bs in ((1, 4), (2, 2)):
-        cfg = TrainConfig.load(None, TINY + ["task=feature", f"grad_accum={accum}", f"batch_size={bs}",
+        cfg = TrainConfig.load(None, TINY + [f"grad_accum={accum}", f"batch_size={bs}",
                                              "schedule=cosine", "init_lr=0.1", "epochs=2"])
         trainer = Trainer(cfg, tmp_path / str(accum), objective_fn=MeanSquare)
         trainer.train()

@@ -223,10 +223,27 @@ def cmd_info(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from blip.evaluate import evaluate_retrieval
-    model = _model(args, "retrieval")
-    metrics = evaluate_retrieval(model, args.annotation, args.image_root, k_test=args.k_test, progress=not args.quiet)
-    print(json.dumps(metrics) if args.json else "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    from blip import eval as evaluation
+    data = args.data or args.annotation
+    if not data:
+        raise CliError("no annotation file: pass --data FILE")
+    if not Path(data).is_file():
+        raise CliError(f"annotation file not found: {data}")
+    task = args.task
+    args.task = None  # the checkpoint says which model it is; blip.eval.<task> says what it needs
+    model = _model(args, evaluation.MODEL_TASKS[task])
+    options = {"progress": not args.quiet, "out_dir": args.out}
+    if args.k_test is not None:
+        options["k_test"] = args.k_test
+    if args.answers:
+        options["answers"] = args.answers
+    if args.gt:
+        options["gt"] = args.gt
+    if task == "vqa" and args.inference:
+        options["inference"] = args.inference
+    metrics = evaluation.evaluate(task, model, data, args.image_root, **options)
+    print(json.dumps(metrics) if args.json else "  ".join(
+        f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return 0
 
 
@@ -303,11 +320,22 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("evaluate", help="image-text retrieval recall@K on an official-format test file")
-    p.add_argument("annotation", help='JSON list of {"image": path, "caption": [refs]} (coco_karpathy_test style)')
+    p = sub.add_parser("evaluate", help="finetuned-task metrics on an official-format annotation file",
+                       description="captioning: BLEU/METEOR/ROUGE-L/CIDEr (pycocoevalcap); retrieval: TR/IR@1/5/10 "
+                                   "with the ITM rerank; vqa: VQA accuracy and the submission JSON; nlvr: accuracy")
+    p.add_argument("annotation", nargs="?", help="annotation file (same as --data)")
+    p.add_argument("--task", choices=["caption", "retrieval", "vqa", "nlvr"], default="retrieval")
+    p.add_argument("--data", help="annotation file: coco_karpathy_test.json, flickr30k_test.json, vqa_test.json, "
+                                  "nlvr_test.json, or a JSON list of {image, caption}")
     p.add_argument("--image-root", help="folder image paths are relative to (default: the JSON's folder)")
-    p.add_argument("--k-test", type=int, default=0, help="re-rank the top k with the ITM head (official: 256/128)")
-    common(p)
+    p.add_argument("--k-test", type=_count(0), default=None,
+                   help="retrieval: ITM-rerank the top k (official 256 COCO / 128 Flickr; 0: ITC only); "
+                        "vqa: candidates ranked (128)")
+    p.add_argument("--answers", help="vqa: answer list to rank (answer_list.json); without it, answers are generated")
+    p.add_argument("--inference", choices=["rank", "generate"], help="vqa: rank over --answers (official) or generate")
+    p.add_argument("--gt", help="caption: COCO-format reference file (default: the references in the data file)")
+    p.add_argument("--out", help="folder for the results file (captions / VQA submission JSON)")
+    common(p, task_choices=False)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("convert", help="convert a checkpoint between formats")

@@ -19,11 +19,13 @@ from .schedule import SCHEDULES
 @dataclass
 class TrainConfig:
     # model
-    task: str = "pretrain"                 # objective
+    task: str = "pretrain"                 # objective: pretrain, caption, retrieval, vqa, nlvr (train/tasks)
     model: str = "tiny"                    # preset: tiny, mini, small, base, large
     model_overrides: dict = field(default_factory=dict)  # dotted BlipConfig keys
     init_text: str | None = None           # BERT weights in HF layout, or "minilm"
     init_vision: str | None = None         # timm/DeiT ViT weights
+    init: str | None = None                # a whole BLIP checkpoint, anything blip.load takes (official name,
+    #                                        .pth, HF folder or hub id, our folder): the task's parts are loaded
     init_scheme: str = "official"          # from-scratch init: "official" (timm / BERT, std 0.02) or "clip"
     #                                        (CLIP's larger ViT and attention query/key init: train/init_weights)
     # data
@@ -31,6 +33,11 @@ class TrainConfig:
     image_root: str | None = None
     shards: list[str] = field(default_factory=list)  # tar shards (paths, globs, {a..b}): a stream
     shuffle_buffer: int = 1000             # stream shuffle buffer (shards only)
+    val_file: str | None = None            # annotation file validated after every epoch (best -> out/model)
+    test_file: str | None = None           # evaluated once with the best model at the end
+    answer_list: str | None = None         # VQA: candidate answers for rank inference (answer_list.json)
+    task_options: dict = field(default_factory=dict)  # extra keyword arguments of the task's objective
+    eval_options: dict = field(default_factory=dict)  # keyword arguments of blip.eval.<task>.evaluate
     synthetic_pairs: int = 0               # random in-memory pairs (tests, smoke runs)
     image_size: int | None = None          # None: the preset's
     min_scale: float = 0.2                 # RandomResizedCrop scale (0.2 pretrain, 0.5 finetune)
@@ -95,6 +102,9 @@ class TrainConfig:
             raise ValueError(f"config keys {negative} must be >= 0")
         if self.grad_accum < 1 or self.batch_size < 1:
             raise ValueError("batch_size and grad_accum must be >= 1")
+        from .tasks import TASKS
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join(TASKS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}")
         if self.init_scheme not in ("official", "clip"):
@@ -130,7 +140,8 @@ class TrainConfig:
 
     def model_config(self):
         from ..config import get_config
-        overrides = dict(self.model_overrides, task="pretrain" if self.task == "pretrain" else self.task)
+        from .tasks import task_module
+        overrides = dict(self.model_overrides, task=task_module(self.task).MODEL_TASK)
         if self.image_size:
             overrides["vision.image_size"] = self.image_size
         return get_config(self.model, **overrides)

@@ -164,11 +164,13 @@ def build_dataset(cfg, image_size: int, rank: int = 0, world: int = 1):
     raise ValueError("no training data: set train_files, shards or synthetic_pairs")
 
 
-def make_loader(dataset, cfg, rank: int, world: int, epoch: int, skip_batches: int = 0) -> DataLoader:
-    """The loader of one epoch, positioned after `skip_batches` (per-rank micro-)batches."""
+def make_loader(dataset, cfg, rank: int, world: int, epoch: int, skip_batches: int = 0,
+                collate_fn=None) -> DataLoader:
+    """The loader of one epoch, positioned after `skip_batches` (per-rank micro-)batches.
+    collate_fn: the task's (default: pretraining's tokenising Collate)."""
     g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # worker seeds: not the global RNG
     common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                  collate_fn=Collate(cfg.max_length, cfg.text_padding),
+                  collate_fn=collate_fn or Collate(cfg.max_length, cfg.text_padding),
                   generator=g, drop_last=True, persistent_workers=False)
     if isinstance(dataset, IterableDataset):
         if hasattr(dataset, "set_epoch"):

@@ -104,3 +104,12 @@ def all_objects(obj) -> list:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank src's picklable object on every rank (itself without a process group)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]

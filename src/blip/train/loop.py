@@ -27,8 +27,9 @@ from ..checkpoint import CheckpointError
 from ..model import Blip
 from . import distributed as dist
 from .config import TrainConfig
-from .data import SeededItems, WordSwap, batches_per_epoch, build_dataset, make_loader
-from .init_weights import clip_init, load_bert_text, load_vit, summary
+from . import tasks
+from .data import SeededItems, WordSwap, batches_per_epoch, make_loader
+from .init_weights import clip_init, load_bert_text, load_init, load_vit, summary
 from .objectives import PretrainObjective, StepInfo
 from .schedule import build_schedule
 
@@ -37,15 +38,9 @@ LOCK = "train.lock"
 _TRAIN_KEYS = ("model", "optimizer", "progress", "rng", "train_config")
 
 
-def build_objective(cfg: TrainConfig, model: Blip) -> torch.nn.Module:
-    if cfg.task == "pretrain":
-        return PretrainObjective(model, queue_size=cfg.queue_size, momentum=cfg.momentum, alpha=cfg.alpha,
-                                 alpha_ramp_epochs=cfg.alpha_ramp_epochs, negatives_all_rank=cfg.negatives_all_rank,
-                                 label_smoothing=cfg.label_smoothing, queue_init=cfg.queue_init,
-                                 itc_only_steps=cfg.itc_only_steps, distill=cfg.distill,
-                                 loss_weights=cfg.loss_weights, itm_hard_from=cfg.itm_hard_from,
-                                 itm_swap_from=cfg.itm_swap_from)
-    raise ValueError(f"no objective for task {cfg.task!r}")
+def build_objective(cfg: TrainConfig, model) -> torch.nn.Module:
+    """The objective of cfg.task around `model`, its options taken from the config (train/tasks)."""
+    return tasks.build_objective(cfg.task, model, **tasks.objective_options(cfg.task, cfg))
 
 
 # ------------------------------------------------------------------------------ RNG state
@@ -247,10 +242,14 @@ class Trainer:
     def _build(self, dataset, objective_fn) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical initial weights and queues on every rank
-        model = Blip(cfg.model_config())
+        self.task = tasks.task_module(cfg.task)
+        model_config = cfg.model_config()
+        model = self.task.build_model(model_config) if hasattr(self.task, "build_model") else Blip(model_config)
         self.init_report = self._init_weights(model)
         self.objective = objective_fn(cfg, model).to(self.device)
         self.model = model
+        self.collate = self.task.collate(cfg)
+        self.best: dict | None = None  # {"epoch", "score", "metrics"} of the best validated epoch
         if cfg.task == "pretrain" and cfg.queue_size % (cfg.batch_size * self.world):
             raise ValueError(f"queue_size {cfg.queue_size} must be a multiple of the global batch "
                              f"{cfg.batch_size * self.world}")
@@ -262,7 +261,7 @@ class Trainer:
             self.net = DistributedDataParallel(self.objective, device_ids=ids, broadcast_buffers=False,
                                                find_unused_parameters=cfg.itc_only_steps > 0)  # ITC-only steps
         if dataset is None:
-            dataset = build_dataset(cfg, model.config.vision.image_size, self.rank, self.world)
+            dataset = self.task.train_dataset(cfg, model.config.vision.image_size, self.rank, self.world)
         if not isinstance(dataset, torch.utils.data.IterableDataset) and not isinstance(dataset, SeededItems):
             dataset = SeededItems(dataset, seed=cfg.seed, swap=WordSwap.build(cfg.itm_swap_words))
         self.dataset = dataset
@@ -311,6 +310,8 @@ class Trainer:
             report["text"] = load_bert_text(model, self.cfg.init_text)
         if self.cfg.init_vision:
             report["vision"] = load_vit(model.visual_encoder, self.cfg.init_vision)
+        if self.cfg.init:
+            report["init"] = load_init(model, self.cfg.init, adapt=getattr(self.task, "adapt_state_dict", None))
         if self.main:
             for part, r in report.items():
                 print(f"blip: {part} init: {summary(r)}", flush=True)
@@ -322,7 +323,8 @@ class Trainer:
         return {"model": {k: v.detach().cpu() for k, v in flat_state_dict(self.objective).items()},
                 "optimizer": self.optimizer.state_dict(),
                 "progress": {"epoch": self.epoch, "step": self.step, "global_step": self.global_step,
-                             "steps_per_epoch": self.steps_per_epoch, "world_size": self.world},
+                             "steps_per_epoch": self.steps_per_epoch, "world_size": self.world,
+                             "best": self.best},
                 "rng": rngs, "train_config": self.cfg.to_dict(), "model_config": self.model.config.to_dict()}
 
     def save(self, path: str | Path | None = None) -> Path:
@@ -347,6 +349,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         p = ckpt["progress"]
         self.epoch, self.step, self.global_step = p["epoch"], p["step"], p["global_step"]
+        self.best = p.get("best")
         if p["world_size"] == self.world:
             set_rng_state(ckpt["rng"][self.rank])
         else:  # another number of processes cannot replay exactly: keep the pair count, fresh seeds
@@ -373,14 +376,14 @@ class Trainer:
         """(batch) per micro-step of the current epoch from the current position; stops on every
         rank together when any rank's stream ends."""
         loader = make_loader(self.dataset, self.cfg, self.rank, self.world, self.epoch,
-                             skip_batches=self.step * self.cfg.grad_accum)
+                             skip_batches=self.step * self.cfg.grad_accum, collate_fn=self.collate)
         uneven = isinstance(self.dataset, torch.utils.data.IterableDataset)
         it = iter(loader)
         while True:
             batch = next(it, None)
             if dist.any_across(batch is None, self.device) if uneven else batch is None:
                 return
-            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            yield {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def train_epoch(self, log) -> bool:
         """Runs until the epoch ends (True) or max_steps is reached (False)."""
@@ -423,7 +426,7 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     out = self.net(batch, info)
                 (out["loss"] / cfg.grad_accum).backward()
-            log.add(out, batch["image"].shape[0] * self.world)
+            log.add(out, len(batch["image"]) * self.world)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.objective.parameters(), cfg.grad_clip)
         self.optimizer.step()
@@ -455,13 +458,66 @@ class Trainer:
                 finished = False
                 break
             self.epoch, self.step = self.epoch + 1, 0
+            if self.cfg.val_file:
+                self.validate(self.epoch - 1)
             self.save()
         if not finished:
             self.save()
-        else:
+        elif not self.cfg.val_file:
+            self.export_model()  # with validation, the best epoch's model is already there
+        result = {"epoch": self.epoch, "step": self.step, "global_step": self.global_step, "finished": finished,
+                  "pairs_per_s": log.rates[-1] if log.rates else None}
+        if self.best is not None:
+            result["best"] = {k: self.best[k] for k in ("epoch", "score")}
+        if finished and self.cfg.test_file:
+            result["test"] = self.test()
+        return result
+
+    # -------------------------------------------------------------- validation
+    def _evaluate(self, model, data: str, out_dir: Path | None) -> dict:
+        from .. import eval as evaluation
+        options = dict(self.cfg.eval_options)
+        if self.cfg.answer_list and self.cfg.task == "vqa":
+            options.setdefault("answers", self.cfg.answer_list)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return evaluation.evaluate(self.cfg.task, model, data, self.cfg.image_root, out_dir=out_dir,
+                                       progress=self.cfg.progress, **options)
+
+    def validate(self, epoch: int) -> dict | None:
+        """The task's metric on val_file after `epoch` (rank 0; the others wait). A better score than
+        every earlier epoch's exports the model to out/model and writes out/best.json."""
+        from .. import eval as evaluation
+        metrics = None
+        if self.main:
+            self.model.eval()
+            try:
+                metrics = self._evaluate(self.model, self.cfg.val_file, self.out / "val" / f"epoch{epoch}")
+            finally:
+                self.objective.train()
+            score = evaluation.score(self.cfg.task, metrics)
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.global_step, "epoch": epoch, "val": metrics, "val_score": score}) + "\n")
+            if self.best is None or score > self.best["score"]:
+                self.best = {"epoch": epoch, "score": score, "metrics": metrics}
+        self.best = dist.broadcast_object(self.best)
+        if self.best["epoch"] == epoch:
             self.export_model()
-        return {"epoch": self.epoch, "step": self.step, "global_step": self.global_step, "finished": finished,
-                "pairs_per_s": log.rates[-1] if log.rates else None}
+            if self.main:
+                rule = evaluation.eval_module(self.cfg.task).RULE
+                _write_text(self.out / "best.json", json.dumps(
+                    {"epoch": epoch, "global_step": self.global_step, "score": self.best["score"], "rule": rule,
+                     "val_file": self.cfg.val_file, "metrics": self.best["metrics"]}, indent=2) + "\n")
+        return metrics
+
+    def test(self) -> dict | None:
+        """test_file's metrics with the exported (best) model, written to out/test.json (rank 0)."""
+        if not self.main:
+            return None
+        from ..factory import load
+        model = load(self.out / "model", device=self.device)
+        metrics = self._evaluate(model, self.cfg.test_file, self.out / "test")
+        _write_text(self.out / "test.json", json.dumps(metrics, indent=2) + "\n")
+        return metrics
 
 
 class JsonLog:
