@@ -138,12 +138,16 @@ class TrainConfig:
                 raise ValueError(f"{path} is not a JSON file: {e}") from None
         return cls.from_dict(apply_overrides(data, overrides or []))
 
-    def model_config(self):
+    def model_config(self, base=None):
+        """The model to train: the preset (or `base`, the architecture of the init checkpoint) for this
+        task, with model_overrides and image_size applied."""
         from ..config import get_config
         from .tasks import task_module
         overrides = dict(self.model_overrides, task=task_module(self.task).MODEL_TASK)
         if self.image_size:
             overrides["vision.image_size"] = self.image_size
+        if base is not None:
+            return base.replace(**overrides)
         return get_config(self.model, **overrides)
 
 

@@ -120,22 +120,26 @@ def summary(report: dict) -> str:
     return "; ".join(parts)
 
 
-def load_init(model, name_or_path, adapt=None) -> dict:
-    """Start finetuning from a whole BLIP checkpoint (anything `blip.load` takes): the tensors of the parts
-    this task's model has are loaded (pos_embed interpolated to its image size), the rest set aside, as
-    the official `load_checkpoint` does. `adapt(sd, model) -> sd` maps the checkpoint to a model of
-    another layout first (NLVR2's two cross-attentions per layer from one). Returns a summary() report."""
-    from ..checkpoint import load_into, read_checkpoint
+def read_init(name_or_path):
+    """(architecture, official-layout state dict) of a whole BLIP checkpoint, anything `blip.load` takes."""
+    from ..checkpoint import read_checkpoint
     from ..pretrained import resolve
     path, _ = resolve(name_or_path)
-    _, sd = read_checkpoint(path)
+    return read_checkpoint(path)
+
+
+def load_init(model, sd: dict, adapt=None) -> dict:
+    """Start finetuning from a whole BLIP checkpoint's state dict: the tensors of the parts this task's
+    model has are loaded (pos_embed interpolated to its image size), the rest set aside, as the official
+    `load_checkpoint` does. `adapt(sd, model) -> sd` maps the checkpoint to a model of another layout
+    first (NLVR2's two cross-attentions per layer from one). Returns a summary() report."""
+    from ..checkpoint import load_into
     if adapt is not None:
         sd = adapt(sd, model)
     own = model.state_dict()
     result = load_into(model, sd, strict=False)
-    loaded = [k for k in sd if k in own]
-    return {"loaded": loaded, "skipped": sorted(set(sd) - set(own)), "resized": result.interpolated,
-            "missing": sorted(k for k in own if k not in sd)}
+    return {"loaded": [k for k in sd if k in own], "skipped": sorted(set(sd) - set(own)),
+            "resized": result.interpolated, "missing": sorted(k for k in own if k not in sd)}
 
 
 @torch.no_grad()

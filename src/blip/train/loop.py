@@ -29,7 +29,7 @@ from . import distributed as dist
 from .config import TrainConfig
 from . import tasks
 from .data import SeededItems, WordSwap, batches_per_epoch, make_loader
-from .init_weights import clip_init, load_bert_text, load_init, load_vit, summary
+from .init_weights import clip_init, load_bert_text, load_init, load_vit, read_init, summary
 from .objectives import PretrainObjective, StepInfo
 from .schedule import build_schedule
 
@@ -243,9 +243,11 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical initial weights and queues on every rank
         self.task = tasks.task_module(cfg.task)
-        model_config = cfg.model_config()
+        init = read_init(cfg.init) if cfg.init else None  # its architecture replaces the preset's
+        model_config = cfg.model_config(base=init[0] if init else None)
         model = self.task.build_model(model_config) if hasattr(self.task, "build_model") else Blip(model_config)
-        self.init_report = self._init_weights(model)
+        self.init_report = self._init_weights(model, init[1] if init else None)
+        del init
         self.objective = objective_fn(cfg, model).to(self.device)
         self.model = model
         self.collate = self.task.collate(cfg)
@@ -302,7 +304,7 @@ class Trainer:
                 groups.setdefault(scale, []).append(p)
         return [{"params": ps, "lr_scale": scale} for scale, ps in sorted(groups.items())]
 
-    def _init_weights(self, model: Blip) -> dict:
+    def _init_weights(self, model: Blip, init_sd: dict | None = None) -> dict:
         report = {}
         if self.cfg.init_scheme == "clip":  # before loading: loaded weights keep their values
             clip_init(model)
@@ -310,8 +312,8 @@ class Trainer:
             report["text"] = load_bert_text(model, self.cfg.init_text)
         if self.cfg.init_vision:
             report["vision"] = load_vit(model.visual_encoder, self.cfg.init_vision)
-        if self.cfg.init:
-            report["init"] = load_init(model, self.cfg.init, adapt=getattr(self.task, "adapt_state_dict", None))
+        if init_sd is not None:
+            report["init"] = load_init(model, init_sd, adapt=getattr(self.task, "adapt_state_dict", None))
         if self.main:
             for part, r in report.items():
                 print(f"blip: {part} init: {summary(r)}", flush=True)
