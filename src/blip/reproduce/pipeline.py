@@ -1,0 +1,220 @@
+"""`blip reproduce`: the paper's pipeline end to end (pretrain, finetune a captioner and a filter, bootstrap
+the web pairs, pretrain again, compare), on the embedded synthetic corpus or any folder holding
+`pretrain.json` (web pairs, optionally a "noise" label each), `clean_train.json` (human-annotated pairs)
+and `test.json` (`[{"image", "caption": [refs]}]`), all in the official formats.
+
+Stages, each in its own folder of `out/`, reused when its output is there (a second run resumes a stage
+cut short; `force` redoes them all):
+
+1. `pretrain_web`: pretrain on web + clean pairs (the "no CapFilt" row);
+2. `captioner` (captioning finetune) and `filter` (retrieval finetune, ITC + ITM), separately, from it,
+   on the clean pairs;
+3. `capfilt`: bootstrap the web pairs (`blip.capfilt.bootstrap`: one nucleus-sampled caption per image,
+   the filter's ITM probability for the web and the synthetic text);
+4. `pretrain_<row>`: a new model from scratch on each row's pairs + the clean pairs, same budget
+   (rows: `filter` = the web texts the filter keeps, `captioner` = web + synthetic texts unfiltered,
+   `capfilt` = the kept web and synthetic texts);
+5. `eval_<row>`: zero-shot retrieval on the test split, and CIDEr after the same short captioning finetune.
+
+The report (report.md, report.html, report.json) is written by `blip.reproduce.report`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+CONFIGS = ROOT / "configs"
+ROWS = {"none": "no CapFilt", "filter": "filter only", "captioner": "captioner only", "capfilt": "captioner + filter"}
+
+
+@dataclass
+class Options:
+    corpus: Path
+    out: Path
+    rows: tuple[str, ...] = ("none", "filter", "captioner", "capfilt")
+    quick: bool = False
+    force: bool = False
+    seed: int = 42
+    pretrain_config: Path = CONFIGS / "pretrain_synthetic.json"
+    caption_config: Path = CONFIGS / "caption_synthetic.json"
+    retrieval_config: Path = CONFIGS / "retrieval_synthetic.json"
+    pretrain_overrides: list[str] = field(default_factory=list)
+    web_limit: int | None = None           # first N web pairs only (quick runs)
+    device: str | None = None
+    progress: bool = True
+
+
+def _log(msg: str) -> None:
+    print(f"blip reproduce: {msg}", flush=True)
+
+
+def _done(folder: Path) -> bool:
+    return (folder / "model" / "config.json").exists()
+
+
+def _train(config: Path, out: Path, overrides: list[str], opts: Options) -> dict:
+    """One training run (pretraining or finetuning) into `out`, resumed when a checkpoint is there."""
+    from ..train.config import TrainConfig
+    from ..train.loop import Trainer
+    cfg = TrainConfig.load(config, overrides + [f"seed={opts.seed}"] + ([f"device={opts.device}"] if opts.device else [])
+                           + ([] if opts.progress else ["progress=false"]))
+    trainer = Trainer(cfg, out, resume="auto")
+    result = trainer.train()
+    if not (out / "model").exists():  # cut short by max_steps: export what there is
+        trainer.export_model()
+    return result
+
+
+def _files(paths) -> str:
+    return "train_files=" + json.dumps([str(p) for p in paths])
+
+
+class Pipeline:
+    def __init__(self, opts: Options):
+        for name in ("pretrain.json", "clean_train.json", "test.json"):
+            if not (opts.corpus / name).exists():
+                raise FileNotFoundError(f"{opts.corpus / name} not found: the corpus folder needs pretrain.json, "
+                                        f"clean_train.json and test.json (blip data synth --out DIR makes one)")
+        unknown = [r for r in opts.rows if r not in ROWS]
+        if unknown or not opts.rows:
+            raise ValueError(f"rows must be some of {', '.join(ROWS)}, got {list(opts.rows)}")
+        self.o = opts
+        self.out = opts.out
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.minutes: dict[str, float] = {}
+        if opts.force:
+            import shutil
+            for child in self.out.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child)
+        self.quick = ["max_steps=6", "itc_only_steps=2", "log_interval=1"] if opts.quick else []
+
+    # ------------------------------------------------------------------ helpers
+    def _stage(self, name: str, fn):
+        t = time.perf_counter()
+        result = fn()
+        self.minutes[name] = round((time.perf_counter() - t) / 60, 2)
+        _log(f"{name}: {self.minutes[name]:.1f} min")
+        return result
+
+    def web_file(self) -> Path:
+        """The web pairs as a JSON list with absolute image paths and their noise labels (from metadata.json
+        when the corpus is ours), limited to web_limit pairs."""
+        path = self.out / "data" / "web.json"
+        if path.exists() and not self.o.force:
+            return path
+        corpus = self.o.corpus
+        web = json.loads((corpus / "pretrain.json").read_text())
+        meta = corpus / "metadata.json"
+        noise = None
+        if meta.exists():
+            pairs = json.loads(meta.read_text()).get("pretrain")
+            if pairs and len(pairs) == len(web):
+                noise = [p.get("noise") for p in pairs]
+        items = []
+        for i, w in enumerate(web[: self.o.web_limit]):
+            item = {"image": str((corpus / w["image"]).resolve()), "caption": w["caption"], "key": f"{i:09d}"}
+            if "noise" in w:
+                item["noise"] = w["noise"] or "clean"
+            elif noise is not None:
+                item["noise"] = noise[i] or "clean"
+            items.append(item)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(items))
+        return path
+
+    def clean_file(self) -> Path:
+        return (self.o.corpus / "clean_train.json").resolve()
+
+    def pretrain(self, name: str, files: list[Path]) -> Path:
+        folder = self.out / name
+        if not _done(folder):
+            self._stage(name, lambda: _train(self.o.pretrain_config, folder,
+                                              [_files(files)] + self.o.pretrain_overrides + self.quick, self.o))
+        return folder / "model"
+
+    def finetune(self, name: str, config: Path, init: Path, extra: list[str] = ()) -> Path:
+        folder = self.out / name
+        corpus = self.o.corpus
+        if not _done(folder):
+            overrides = [f"init={init}", _files([self.clean_file()]), f"val_file={(corpus / 'val.json').resolve()}"
+                         if (corpus / "val.json").exists() else f"val_file={(corpus / 'test.json').resolve()}",
+                         "test_file=null", *extra]
+            if self.o.quick:
+                overrides += ["max_steps=4", "epochs=1", "log_interval=1"]
+            self._stage(name, lambda: _train(config, folder, overrides, self.o))
+        return folder / "model"
+
+    def bootstrap(self, captioner: Path, filter_: Path) -> Path:
+        folder = self.out / "capfilt"
+        if not (folder / "audit.parquet").exists() or not (folder / "summary.json").exists():
+            import blip
+            from ..capfilt import bootstrap
+            cap = blip.load(captioner, device=self.o.device)
+            flt = blip.load(filter_, device=self.o.device)
+            self._stage("capfilt", lambda: bootstrap(cap, flt, self.web_file(), folder, seed=self.o.seed,
+                                                     progress=self.o.progress))
+        return folder
+
+    def row_data(self, row: str, capfilt: Path | None) -> Path:
+        """The web side of a row's pretraining data as a JSON list."""
+        if row == "none":
+            return self.web_file()
+        path = self.out / "data" / f"{row}.json"
+        if path.exists() and not self.o.force:
+            return path
+        import pyarrow.parquet as pq
+        audit = pq.read_table(capfilt / "audit.parquet").to_pylist()
+        keep = {"filter": lambda r: r["source"] == "web" and r["kept"],
+                "captioner": lambda r: True,
+                "capfilt": lambda r: r["kept"]}[row]
+        items = [{"image": r["image"], "caption": r["text"]} for r in audit if keep(r)]
+        path.write_text(json.dumps(items))
+        return path
+
+    def evaluate(self, row: str, model: Path) -> dict:
+        """Zero-shot retrieval on the test split, and CIDEr after the same short captioning finetune."""
+        folder = self.out / f"eval_{row}"
+        result_file = folder / "result.json"
+        if result_file.exists():
+            return json.loads(result_file.read_text())
+
+        def run():
+            import blip
+            from .. import eval as evaluation
+            corpus = self.o.corpus
+            m = blip.load(model, task="retrieval", device=self.o.device)
+            retrieval = evaluation.evaluate("retrieval", m, corpus / "test.json", k_test=16, progress=False)
+            del m
+            cap_model = self.finetune(f"eval_{row}/caption", self.o.caption_config, model)
+            gt = corpus / "test_gt.json"
+            m = blip.load(cap_model, device=self.o.device)
+            caption = evaluation.evaluate("caption", m, corpus / "test.json", out_dir=folder,
+                                          **({"gt": gt} if gt.exists() else {}))
+            return {"name": ROWS[row], "row": row, "retrieval": retrieval, "caption": caption}
+        result = self._stage(f"eval_{row}", run)
+        folder.mkdir(parents=True, exist_ok=True)
+        result_file.write_text(json.dumps(result, indent=2, default=str))
+        return result
+
+    # ------------------------------------------------------------------ the whole thing
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        web, clean = self.web_file(), self.clean_file()
+        base = self.pretrain("pretrain_none", [web, clean])
+        needs_capfilt = any(r != "none" for r in self.o.rows)
+        capfilt = None
+        if needs_capfilt:
+            captioner = self.finetune("captioner", self.o.caption_config, base)
+            filter_ = self.finetune("filter", self.o.retrieval_config, base)
+            capfilt = self.bootstrap(captioner, filter_)
+        rows = []
+        for row in self.o.rows:
+            model = base if row == "none" else self.pretrain(f"pretrain_{row}", [self.row_data(row, capfilt), clean])
+            rows.append(self.evaluate(row, model))
+        self.minutes["total"] = round((time.perf_counter() - t0) / 60, 2)
+        from .report import write_report
+        return write_report(self, rows, capfilt)
