@@ -221,7 +221,8 @@ def test_cli_synth_and_errors(tmp_path, capsys):
     ap = argparse.ArgumentParser(prog="blip")
     add_cli(ap.add_subparsers(dest="command"))
     args = ap.parse_args(["data", "synth", "--out", str(tmp_path / "c"), "--seed", "3", "--train", "10",
-                          "--clean", "2", "--val", "2", "--test", "2", "--noise", "0.5", "--image-size", "32", "--shard-size", "4"])
+                          "--clean", "2", "--val", "2", "--test", "2", "--noise", "0.5", "--image-size", "32",
+                          "--shard-size", "4"])
     assert args.func(args) == 0
     line = capsys.readouterr().out.strip()
     assert "\n" not in line and line.startswith("10 web pairs (5 noisy") and "3 shards" in line

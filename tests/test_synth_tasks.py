@@ -57,7 +57,8 @@ def test_earlier_files_do_not_depend_on_val_or_nlvr(tmp_path):
     assert not any((tmp_path / "without" / "images" / "val").iterdir())
     assert len(list((tmp_path / "with" / "images" / "val").iterdir())) == 7
     for name in ("vqa_train.json", "vqa_test.json"):  # same questions and ids; only the answers are new
-        qa = [[(q["question_id"], q["image"], q["question"]) for q in load(tmp_path / d, name)] for d in ("without", "with")]
+        qa = [[(q["question_id"], q["image"], q["question"]) for q in load(tmp_path / d, name)]
+              for d in ("without", "with")]
         assert qa[0] == qa[1] and qa[0]
 
 
@@ -68,7 +69,8 @@ def test_earlier_files_do_not_depend_on_val_or_nlvr(tmp_path):
 def test_karpathy_entries_map_to_gt_ids_by_index_and_file_name(corpus, split):
     root, counts, meta = corpus
     entries, gt = load(root, f"{split}.json"), load(root, f"{split}_gt.json")
-    assert len(entries) == counts[split] == len(meta[split]) and [im["id"] for im in gt["images"]] == list(range(len(entries)))
+    assert len(entries) == counts[split] == len(meta[split])
+    assert [im["id"] for im in gt["images"]] == list(range(len(entries)))
     refs = {}
     for a in gt["annotations"]:
         refs.setdefault(a["image_id"], []).append(a["caption"])
@@ -148,7 +150,8 @@ RULES = [  # (pattern, truth from (groups, left objects, right objects))
     (rf"both images contain an? {WORD}", lambda g, L, R: all(any(o["shape"] == g[0] for o in X) for X in (L, R))),
     (rf"exactly one image contains an? {WORD} shape",
      lambda g, L, R: sum(any(o["color"] == g[0] for o in X) for X in (L, R)) == 1),
-    (rf"the (left|right) image contains exactly {WORD} shapes?", lambda g, L, R: len(L if g[0] == "left" else R) == NUM[g[1]]),
+    (rf"the (left|right) image contains exactly {WORD} shapes?",
+     lambda g, L, R: len(L if g[0] == "left" else R) == NUM[g[1]]),
     (rf"the (left|right) image contains an? {WORD} {WORD}",
      lambda g, L, R: any((o["color"], o["shape"]) == g[1:] for o in (L if g[0] == "left" else R))),
     (rf"there is an? {WORD} {WORD} in the (left|right) image",
