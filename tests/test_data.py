@@ -19,7 +19,7 @@ from blip.data.synth import COLORS, NOISE_KINDS, SHAPES
 from blip.tokenizer import pre_caption
 from blip.transform import EvalTransform, TrainTransform
 
-SMALL = dict(n_train=40, n_clean=8, n_test=6, shard_size=16, image_size=128)
+SMALL = dict(n_train=40, n_clean=8, n_val=5, n_test=6, shard_size=16, image_size=128)
 
 
 def words(text):
@@ -58,9 +58,9 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path, corpus):
 
 
 def test_regenerating_into_a_corpus_folder_replaces_it_and_foreign_folders_are_refused(tmp_path):
-    generate_corpus(tmp_path / "c", n_train=20, n_clean=1, n_test=1, shard_size=5, image_size=32)
+    generate_corpus(tmp_path / "c", n_train=20, n_clean=1, n_val=1, n_test=1, shard_size=5, image_size=32)
     assert len(list((tmp_path / "c" / "shards").glob("*.tar"))) == 4
-    generate_corpus(tmp_path / "c", n_train=6, n_clean=1, n_test=1, shard_size=5, image_size=32)
+    generate_corpus(tmp_path / "c", n_train=6, n_clean=1, n_val=1, n_test=1, shard_size=5, image_size=32)
     assert len(list((tmp_path / "c" / "shards").glob("*.tar"))) == 2  # no stale shards left behind
     assert len(list((tmp_path / "c" / "images" / "train").iterdir())) == 6
     (tmp_path / "mine").mkdir()
@@ -93,7 +93,7 @@ def test_counts_formats_and_noise_fraction(corpus):
 
 
 def test_every_noise_kind_present_and_really_noisy(tmp_path):
-    generate_corpus(tmp_path, n_train=200, n_clean=0, n_test=0, noise_fraction=0.4, image_size=32)
+    generate_corpus(tmp_path, n_train=200, n_clean=0, n_val=0, n_test=0, noise_fraction=0.4, image_size=32)
     pairs = json.loads((tmp_path / "metadata.json").read_text())["pretrain"]
     by_kind = {k: [p for p in pairs if p["noise"] == k] for k in NOISE_KINDS}
     assert all(len(v) == 20 for v in by_kind.values()), {k: len(v) for k, v in by_kind.items()}
@@ -148,16 +148,22 @@ def test_relation_words_match_object_positions(corpus):
 
 def test_vqa_answers_agree_with_the_scene(corpus):
     root, counts, meta = corpus
-    scenes = {a["image"]: a["scene"] for a in meta["clean"] + meta["test"]}
+    annotated = meta["clean"] + meta["val"] + meta["test"]
+    scenes = {a["image"]: a["scene"] for a in annotated}
+    canonical = {q["question_id"]: q for a in annotated for q in a["questions"]}
     train = json.loads((root / "vqa_train.json").read_text())
+    val = json.loads((root / "vqa_val.json").read_text())
     test = json.loads((root / "vqa_test.json").read_text())
     answers = set(json.loads((root / "answer_list.json").read_text()))
-    assert len(train) == counts["vqa_train"] == 8 * 5 and len(test) == 6 * 5
-    assert len({q["question_id"] for q in train + test}) == len(train) + len(test)
+    assert len(train) == counts["vqa_train"] == 8 * 5 and len(test) == 6 * 5 and len(val) == counts["vqa_val"] > 0
+    assert len({q["question_id"] for q in train + val + test}) == len(train) + len(val) + len(test)
     kinds = set()
-    for q in train + test:
-        assert set(q) == {"question_id", "image", "question", "answer", "dataset"} and q["dataset"] == "vqa"
-        scene, text, (ans,) = scenes[q["image"]], q["question"], q["answer"]
+    for q in train + val + test:
+        assert set(q) == {"question_id", "image", "question", "answer", "dataset", "question_type", "answer_type"}
+        assert q["dataset"] == "vqa" and len(q["answer"]) == 10
+        truth = canonical[q["question_id"]]
+        assert truth["question"] == q["question"] and truth["question_type"] == q["question_type"]
+        scene, text, ans = scenes[q["image"]], q["question"], truth["answer"]
         assert ans in answers
         objs = scene["objects"]
         by_shape = {o["shape"]: o for o in objs}
@@ -215,7 +221,8 @@ def test_cli_synth_and_errors(tmp_path, capsys):
     ap = argparse.ArgumentParser(prog="blip")
     add_cli(ap.add_subparsers(dest="command"))
     args = ap.parse_args(["data", "synth", "--out", str(tmp_path / "c"), "--seed", "3", "--train", "10",
-                          "--clean", "2", "--test", "2", "--noise", "0.5", "--image-size", "32", "--shard-size", "4"])
+                          "--clean", "2", "--val", "2", "--test", "2", "--noise", "0.5", "--image-size", "32",
+                          "--shard-size", "4"])
     assert args.func(args) == 0
     line = capsys.readouterr().out.strip()
     assert "\n" not in line and line.startswith("10 web pairs (5 noisy") and "3 shards" in line

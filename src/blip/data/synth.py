@@ -9,13 +9,30 @@ the answer to every VQA question.
 Read top to bottom:
   1. vocabulary: shapes, colours, backgrounds, positions, web-noise texts
   2. scenes: sample a scene graph, render it with Pillow
-  3. language: captions from a scene (several templates), web noise, VQA pairs
+  3. language: captions from a scene (several templates), web noise, VQA pairs and their simulated
+     annotators, NLVR2-style statements about two scenes
   4. writers: JPEG / JSON / tar, all byte-deterministic
   5. generate_corpus
   6. command line: `blip data synth` (add_cli) and `python -m blip.data.synth`
 
+Files, in the official BLIP formats (image paths are relative to the corpus folder):
+  pretrain.json          [{"image", "caption"}]                      noisy web pairs (and shards/*.tar)
+  clean_train.json       [{"image", "caption", "image_id"}]          one entry per caption
+  val.json, test.json    [{"image", "caption": [refs]}]              Karpathy val/test style
+  val_gt.json, test_gt.json  COCO captions: {"images": [{"id"}], "annotations": [{"image_id", "caption", "id"}]}
+  vqa_{train,val,test}.json  [{"question_id", "image", "question", "answer": [10 annotators], "dataset": "vqa",
+                              "question_type", "answer_type"}]  (test keeps its answers, to be scored here)
+  answer_list.json       every canonical VQA answer
+  nlvr_{train,dev,test}.json [{"images": [left, right], "sentence", "label": "True" | "False"}]
+  metadata.json          the truth: scenes, noise labels, canonical answers, NLVR claims and evidence
+Caption evaluation: entry i of val.json / test.json is image "id" i of val_gt.json / test_gt.json,
+and its file is images/<split>/<i:08d>.jpg, so the official rule (the digits of the file name) gives
+the same id. clean_train "image_id" is "synth_<i>" for images/clean/<i:08d>.jpg.
+
 Randomness: every image draws from its own numpy Generator seeded by (seed, split, index), so a
 seed reproduces the corpus byte for byte, and one image does not depend on how many came before.
+The val split and everything derived from VQA annotators and NLVR draw from their own seeds, so
+the files of the other splits do not depend on them.
 """
 from __future__ import annotations
 
@@ -76,7 +93,7 @@ BOILERPLATE = ("image", "click here to enlarge", "stock photo {n}", "IMG_{n4}.jp
 SHORT = ("nice", "my photo", "cool", "wow", "look at this", "awesome pic", "love it", "new", "random stuff",
          "today", "so pretty", "art")
 
-SPLIT_CODES = {"train": 1, "clean": 2, "test": 3}  # mixed into the per-image seeds
+SPLIT_CODES = {"train": 1, "clean": 2, "test": 3, "val": 4}  # mixed into the per-image seeds; append only
 
 
 def _pick(rng, seq):
@@ -325,8 +342,8 @@ def _webify(caption: str, rng) -> str:
     return caption
 
 
-def vqa_pairs(scene: dict, rng, k: int) -> list[tuple[str, str]]:
-    """Up to k (question, answer) pairs, drawn round-robin over question types so types vary."""
+def vqa_pairs(scene: dict, rng, k: int) -> list[tuple[str, str, str]]:
+    """Up to k (question, answer, question type) triples, drawn round-robin over types so types vary."""
     objs, rels, bg = scene["objects"], scene["relations"], scene["background"]
     shapes = [o["shape"] for o in objs]
     colors = [o["color"] for o in objs]
@@ -358,7 +375,159 @@ def vqa_pairs(scene: dict, rng, k: int) -> list[tuple[str, str]]:
     while len(out) < k and any(groups[t] for t in types):
         for t in types:
             if groups[t] and len(out) < k:
-                out.append(groups[t].pop())
+                out.append((*groups[t].pop(), t))
+    return out
+
+
+# VQA annotators. Official VQA has 10 human answers per question, scored min(#matching / 3, 1) averaged
+# over the 10 leave-one-out subsets, after a normalisation (lower case, full stop and articles dropped,
+# number words to digits). Simulated here: every annotator means the canonical answer except at most
+# two, and up to six spell it otherwise ("two" for "2", "Red", "red."). So the canonical answer always
+# scores 100% after normalisation but not always without it, and a wrong answer one annotator gave
+# earns 0.3: a scorer that skips either rule is caught.
+N_ANNOTATORS = 10
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+ANSWER_TYPES = {"count": "number", "exists": "yes/no"}  # every other question type is "other"
+
+
+def _answer_pool(qtype: str) -> tuple[str, ...]:
+    """Every answer a question of this type can have: where the wrong annotator answers come from."""
+    return {"color": tuple(COLORS), "background": tuple(BACKGROUND_COLORS), "shape": SHAPES, "relation": SHAPES,
+            "count": ("1", "2", "3", "4"), "exists": ("yes", "no"), "size": tuple(SIZES),
+            "position": tuple(ANCHORS)}[qtype]
+
+
+def answer_spellings(answer: str, qtype: str) -> list[str]:
+    """Other spellings of answer that the official VQA normalisation maps back to it."""
+    out = [answer.capitalize(), answer + ".", answer.upper()]
+    if qtype == "count":
+        out.append(NUMBER_WORDS[int(answer)])
+    elif qtype in ("shape", "relation"):
+        out.append(_article(answer))
+    elif qtype == "position":
+        out.append("the " + answer)
+    return out
+
+
+def annotator_answers(answer: str, qtype: str, rng) -> list[str]:
+    """N_ANNOTATORS answers: 0-2 wrong, 0-6 other spellings of answer, the rest answer itself."""
+    n_wrong = int(rng.choice(3, p=[0.7, 0.2, 0.1]))
+    n_spelled = int(rng.choice(7, p=[0.25, 0.2, 0.15, 0.12, 0.1, 0.1, 0.08]))
+    spellings = answer_spellings(answer, qtype)
+    wrong = [a for a in _answer_pool(qtype) if a != answer]
+    answers = ([answer] * (N_ANNOTATORS - n_wrong - n_spelled) + [_pick(rng, spellings) for _ in range(n_spelled)]
+               + [_pick(rng, wrong) for _ in range(n_wrong)])
+    return _sample(rng, answers, N_ANNOTATORS)
+
+
+# NLVR2-style statements about a pair of images (left = images[0], right = images[1]). The official
+# training swaps the two images half the time and then swaps the words "left" and "right" when the
+# sentence has them, and only the images when it has not. So a statement says "left"/"right" only of
+# the images, never of an object's position, and one without those words is symmetric in the images.
+# Each claim is a small dict (kind and parameters) that nlvr_fact judges against the two scenes.
+
+def _count_phrase(n: int) -> str:
+    return f"{NUMBER_WORDS[n]} shape" + ("" if n == 1 else "s")
+
+
+def nlvr_sentence(claim: dict) -> str:
+    k, side = claim["kind"], claim.get("side")
+    if k == "total":
+        text = f"there are {_count_phrase(claim['n'])} in total"
+    elif k == "both_count":
+        text = f"both images contain exactly {_count_phrase(claim['n'])}"
+    elif k == "more":
+        text = f"the {side} image has more shapes than the {'right' if side == 'left' else 'left'} image"
+    elif k == "same_count":
+        text = "both images have the same number of shapes"
+    elif k == "both_color":
+        text = f"both images contain {_article(claim['color'])} shape"
+    elif k == "both_shape":
+        text = f"both images contain {_article(claim['shape'])}"
+    elif k == "one_color":
+        text = f"exactly one image contains {_article(claim['color'])} shape"
+    elif k == "side_object":
+        text = f"the {side} image contains {_article(claim['color'] + ' ' + claim['shape'])}"
+    elif k == "side_count":
+        text = f"the {side} image contains exactly {_count_phrase(claim['n'])}"
+    elif k == "side_size":
+        text = f"there is {_article(claim['size'] + ' ' + claim['shape'])} in the {side} image"
+    else:
+        raise ValueError(f"unknown NLVR claim kind {k!r}")
+    return text[0].upper() + text[1:] + "."
+
+
+def nlvr_fact(claim: dict, left: dict, right: dict) -> tuple[bool, dict]:
+    """(is the claim true of these scenes, the facts it rests on)."""
+    scenes = {"left": left, "right": right}
+    counts = {s: len(scenes[s]["objects"]) for s in scenes}
+    k = claim["kind"]
+    if k in ("total", "both_count", "more", "same_count"):
+        truth = {"total": lambda: counts["left"] + counts["right"] == claim["n"],
+                 "both_count": lambda: counts["left"] == counts["right"] == claim["n"],
+                 "more": lambda: counts[claim["side"]] > counts["right" if claim["side"] == "left" else "left"],
+                 "same_count": lambda: counts["left"] == counts["right"]}[k]()
+        return truth, {"counts": counts}
+    if k in ("both_color", "one_color"):
+        has = {s: any(o["color"] == claim["color"] for o in scenes[s]["objects"]) for s in scenes}
+        return (all(has.values()) if k == "both_color" else sum(has.values()) == 1), {"contains": has}
+    if k == "both_shape":
+        has = {s: any(o["shape"] == claim["shape"] for o in scenes[s]["objects"]) for s in scenes}
+        return all(has.values()), {"contains": has}
+    objects = scenes[claim["side"]]["objects"]
+    evidence = {"objects": [f"{o['size']} {o['color']} {o['shape']}" for o in objects]}
+    if k == "side_object":
+        return any(o["color"] == claim["color"] and o["shape"] == claim["shape"] for o in objects), evidence
+    if k == "side_count":
+        return len(objects) == claim["n"], evidence
+    if k == "side_size":
+        return any(o["size"] == claim["size"] and o["shape"] == claim["shape"] for o in objects), evidence
+    raise ValueError(f"unknown NLVR claim kind {k!r}")
+
+
+def _nlvr_claims(left: dict, right: dict) -> dict[str, list[dict]]:
+    """Every claim considered for a pair, by kind. False claims are near misses: colours and shapes
+    of the two scenes (true of one image, or a real colour on another shape), counts off by one."""
+    objs = left["objects"] + right["objects"]
+    colors = sorted({o["color"] for o in objs})
+    shapes = sorted({o["shape"] for o in objs})
+    sides = ("left", "right")
+    near = {"left": len(left["objects"]), "right": len(right["objects"])}
+    return {
+        "total": [{"kind": "total", "n": n} for n in range(len(objs) - 1, len(objs) + 2) if 2 <= n <= 6],
+        "both_count": [{"kind": "both_count", "n": n} for n in (1, 2, 3)],
+        "more": [{"kind": "more", "side": s} for s in sides],
+        "same_count": [{"kind": "same_count"}],
+        "both_color": [{"kind": "both_color", "color": c} for c in colors],
+        "both_shape": [{"kind": "both_shape", "shape": s} for s in shapes],
+        "one_color": [{"kind": "one_color", "color": c} for c in colors],
+        "side_object": [{"kind": "side_object", "side": side, "color": c, "shape": s}
+                        for side in sides for c in colors for s in shapes],
+        "side_count": [{"kind": "side_count", "side": s, "n": n} for s in sides for n in (1, 2, 3)
+                       if abs(n - near[s]) <= 1],
+        "side_size": [{"kind": "side_size", "side": side, "size": z, "shape": s}
+                      for side in sides for z in SIZES for s in shapes],
+    }
+
+
+def nlvr_statements_for(left: dict, right: dict, labels: list[bool], rng) -> list[tuple[dict, bool, dict]]:
+    """One distinct (claim, truth, evidence) per wanted label. The kind is drawn among those that can
+    be both true and false of this pair, so the label does not follow from the kind of sentence (a
+    text-only model stays near chance); then a claim of that kind with the wanted label."""
+    judged = {kind: [(c, *nlvr_fact(c, left, right)) for c in claims]
+              for kind, claims in _nlvr_claims(left, right).items()}
+    out = []
+    for want in labels:
+        def offers(k, label):
+            return any(t == label for _, t, _ in judged[k])
+        kinds = [k for k in judged if offers(k, True) and offers(k, False)] or [k for k in judged if offers(k, want)]
+        if not kinds:
+            continue
+        kind = _pick(rng, kinds)
+        options = [x for x in judged[kind] if x[1] == want]
+        chosen = _pick(rng, options)
+        judged[kind].remove(chosen)  # each claim (so each sentence) once per pair
+        out.append(chosen)
     return out
 
 
@@ -410,17 +579,21 @@ def _prepare_out_dir(out: Path) -> None:
 def generate_corpus(out_dir, seed: int = 0, n_train: int = 4000, n_clean: int = 500, n_test: int = 200,
                     noise_fraction: float = 0.3, image_size: int = 128, shard_size: int = 500,
                     clean_refs: int = 5, test_refs: int = 5, questions_per_image: int = 5,
-                    noise_kinds: tuple[str, ...] = NOISE_KINDS) -> dict:
+                    noise_kinds: tuple[str, ...] = NOISE_KINDS, n_val: int = 200, nlvr_statements: int = 4) -> dict:
     """Write the synthetic corpus to out_dir and return a summary (counts per split and noise kind).
 
     Splits: `train` = noisy web pairs (pretrain.json and the tar shards), `clean` = "human-annotated"
-    images with clean_refs captions each (clean_train.json, vqa_train.json), `test` = images with
-    test_refs captions (test.json, test_gt.json, vqa_test.json). Exactly round(noise_fraction *
-    n_train) web pairs are noisy, spread evenly over noise_kinds. Same arguments, same bytes.
+    images with clean_refs captions each (clean_train.json, vqa_train.json, nlvr_train.json), `val`
+    and `test` = images with test_refs captions (val.json, val_gt.json, vqa_val.json, nlvr_dev.json;
+    test.json, test_gt.json, vqa_test.json, nlvr_test.json). Exactly round(noise_fraction * n_train)
+    web pairs are noisy, spread evenly over noise_kinds. Each annotated image heads one NLVR pair
+    with nlvr_statements statements, half true. Same arguments, same bytes; the files that existed
+    before val and NLVR (all but the vqa files, answer_list.json and metadata.json) do not depend on
+    n_val or nlvr_statements.
     """
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    for name, v in (("n_train", n_train), ("n_clean", n_clean), ("n_test", n_test)):
+    for name, v in (("n_train", n_train), ("n_clean", n_clean), ("n_test", n_test), ("n_val", n_val)):
         if v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
     if not 0.0 <= noise_fraction <= 1.0:
@@ -436,10 +609,12 @@ def generate_corpus(out_dir, seed: int = 0, n_train: int = 4000, n_clean: int = 
         raise ValueError(f"noise_kinds must be a non-empty subset of {NOISE_KINDS}, got {noise_kinds}")
     if "swapped" in noise_kinds and n_train < 2 and noise_fraction > 0:
         raise ValueError("swapped noise needs n_train >= 2")
+    if not 0 <= nlvr_statements <= 8:
+        raise ValueError(f"nlvr_statements must be in 0..8, got {nlvr_statements}")
 
     out = Path(out_dir)
     _prepare_out_dir(out)
-    sizes = {"train": n_train, "clean": n_clean, "test": n_test}
+    sizes = {"train": n_train, "clean": n_clean, "test": n_test, "val": n_val}
     scenes, paths = {}, {}
     train_jpegs = []
     for split, n in sizes.items():
@@ -492,7 +667,7 @@ def generate_corpus(out_dir, seed: int = 0, n_train: int = 4000, n_clean: int = 
 
     # annotated splits: several distinct true captions per image, and VQA pairs
     annotated = {}
-    for split, k in (("clean", clean_refs), ("test", test_refs)):
+    for split, k in (("clean", clean_refs), ("test", test_refs), ("val", test_refs)):
         annotated[split] = []
         for i, scene in enumerate(scenes[split]):
             rng = np.random.default_rng([seed, SPLIT_CODES[split], i, 1])
@@ -505,43 +680,72 @@ def generate_corpus(out_dir, seed: int = 0, n_train: int = 4000, n_clean: int = 
 
     clean_train = [{"image": a["image"], "caption": c, "image_id": f"synth_{a['image_id']}"}
                    for a in annotated["clean"] for c in a["captions"]]
-    test = [{"image": a["image"], "caption": a["captions"]} for a in annotated["test"]]
-    test_gt = {"images": [{"id": a["image_id"]} for a in annotated["test"]],
-               "annotations": [{"image_id": a["image_id"], "caption": c, "id": k}
-                               for k, (a, c) in enumerate((a, c) for a in annotated["test"] for c in a["captions"])]}
-    vqa = {"clean": [], "test": []}
+    # val/test: entry i of the list is COCO gt image "id" i (and the file is images/<split>/<i:08d>.jpg)
+    karpathy = {s: [{"image": a["image"], "caption": a["captions"]} for a in annotated[s]] for s in ("val", "test")}
+    coco_gt = {s: {"images": [{"id": a["image_id"]} for a in annotated[s]],
+                   "annotations": [{"image_id": a["image_id"], "caption": c, "id": k}
+                                   for k, (a, c) in enumerate((a, c) for a in annotated[s] for c in a["captions"])]}
+               for s in ("val", "test")}
+
+    # VQA: question ids run over clean, test, then val, so adding val left the earlier ids as they were
+    vqa = {"clean": [], "test": [], "val": []}
     qid = 0
-    for split in ("clean", "test"):
-        for a in annotated[split]:
-            for q, ans in a["vqa"]:
-                vqa[split].append({"question_id": qid, "image": a["image"], "question": q, "answer": [ans],
-                                   "dataset": "vqa"})
+    for split in vqa:
+        for i, a in enumerate(annotated[split]):
+            rng = np.random.default_rng([seed, SPLIT_CODES[split], i, 3])
+            a["questions"] = []
+            for q, ans, qtype in a["vqa"]:
+                vqa[split].append({"question_id": qid, "image": a["image"], "question": q,
+                                   "answer": annotator_answers(ans, qtype, rng), "dataset": "vqa",
+                                   "question_type": qtype, "answer_type": ANSWER_TYPES.get(qtype, "other")})
+                a["questions"].append({"question_id": qid, "question": q, "answer": ans, "question_type": qtype})
                 qid += 1
-    answer_list = sorted({e["answer"][0] for split in vqa for e in vqa[split]})
+    answer_list = sorted({q["answer"] for split in vqa for a in annotated[split] for q in a["questions"]})
+
+    # NLVR: image i of a split is the left image of one pair, with a random other image on the right
+    nlvr, nlvr_meta = {}, {}
+    for split, name in (("clean", "train"), ("val", "dev"), ("test", "test")):
+        nlvr[name], nlvr_meta[name] = [], []
+        n = len(annotated[split])
+        for i in range(n if n >= 2 else 0):
+            rng = np.random.default_rng([seed, SPLIT_CODES[split], i, 4])
+            j = (i + 1 + int(rng.integers(n - 1))) % n
+            left, right = annotated[split][i], annotated[split][j]
+            labels = [(i + t) % 2 == 0 for t in range(nlvr_statements)]  # half true, per pair and per split
+            for claim, truth, evidence in nlvr_statements_for(left["scene"], right["scene"], labels, rng):
+                item = {"images": [left["image"], right["image"]], "sentence": nlvr_sentence(claim),
+                        "label": str(truth)}
+                nlvr[name].append(item)
+                nlvr_meta[name].append({**item, "claim": claim, "evidence": evidence})
 
     noise_counts = {k: sum(1 for x in noise if x == k) for k in NOISE_KINDS}
     counts = {"train": n_train, "noisy": sum(noise_counts.values()), "noise": noise_counts,
-              "clean": n_clean, "clean_captions": len(clean_train), "test": n_test,
-              "vqa_train": len(vqa["clean"]), "vqa_test": len(vqa["test"]), "answers": len(answer_list),
-              "shards": (n_train + shard_size - 1) // shard_size}
-    params = {"seed": seed, "n_train": n_train, "n_clean": n_clean, "n_test": n_test,
+              "clean": n_clean, "clean_captions": len(clean_train), "val": n_val, "test": n_test,
+              "vqa_train": len(vqa["clean"]), "vqa_val": len(vqa["val"]), "vqa_test": len(vqa["test"]),
+              "answers": len(answer_list), "nlvr_train": len(nlvr["train"]), "nlvr_dev": len(nlvr["dev"]),
+              "nlvr_test": len(nlvr["test"]), "shards": (n_train + shard_size - 1) // shard_size}
+    params = {"seed": seed, "n_train": n_train, "n_clean": n_clean, "n_val": n_val, "n_test": n_test,
               "noise_fraction": noise_fraction, "image_size": image_size, "shard_size": shard_size,
               "clean_refs": clean_refs, "test_refs": test_refs, "questions_per_image": questions_per_image,
-              "noise_kinds": list(noise_kinds)}
+              "noise_kinds": list(noise_kinds), "nlvr_statements": nlvr_statements}
     write_json(out / "pretrain.json", pretrain)
     write_json(out / "clean_train.json", clean_train)
-    write_json(out / "test.json", test)
-    write_json(out / "test_gt.json", test_gt)
-    write_json(out / "vqa_train.json", vqa["clean"])
-    write_json(out / "vqa_test.json", vqa["test"])
+    for split in ("val", "test"):
+        write_json(out / f"{split}.json", karpathy[split])
+        write_json(out / f"{split}_gt.json", coco_gt[split])
+    for split, name in (("clean", "train"), ("val", "val"), ("test", "test")):
+        write_json(out / f"vqa_{name}.json", vqa[split])
     write_json(out / "answer_list.json", answer_list)
+    for name in nlvr:
+        write_json(out / f"nlvr_{name}.json", nlvr[name])
+    keep = ("image", "image_id", "captions", "questions", "scene")
     write_json(out / "metadata.json", {
-        "version": 1, "params": params, "counts": counts,
+        "version": 2, "params": params, "counts": counts,
         "vocabulary": {"shapes": list(SHAPES), "colors": COLORS, "background_colors": BACKGROUND_COLORS,
                        "sizes": list(SIZES), "positions": list(ANCHORS), "noise_kinds": list(NOISE_KINDS)},
         "pretrain": pairs,
-        "clean": [{k: a[k] for k in ("image", "image_id", "captions", "scene")} for a in annotated["clean"]],
-        "test": [{k: a[k] for k in ("image", "image_id", "captions", "scene")} for a in annotated["test"]]})
+        **{split: [{k: a[k] for k in keep} for a in annotated[split]] for split in ("clean", "val", "test")},
+        "nlvr": nlvr_meta})
 
     # webdataset shards, laid out as img2dataset writes them
     (out / "shards").mkdir(exist_ok=True)
@@ -560,8 +764,10 @@ def generate_corpus(out_dir, seed: int = 0, n_train: int = 4000, n_clean: int = 
 def summary_line(counts: dict, out_dir) -> str:
     noise = ", ".join(f"{k} {v}" for k, v in counts["noise"].items())
     return (f"{counts['train']} web pairs ({counts['noisy']} noisy: {noise}) in {counts['shards']} shards, "
-            f"{counts['clean']} clean images ({counts['clean_captions']} captions), {counts['test']} test images, "
-            f"vqa {counts['vqa_train']} train / {counts['vqa_test']} test questions -> {out_dir}")
+            f"{counts['clean']} clean images ({counts['clean_captions']} captions), {counts['val']} val / "
+            f"{counts['test']} test images, vqa {counts['vqa_train']} train / {counts['vqa_val']} val / "
+            f"{counts['vqa_test']} test questions, nlvr {counts['nlvr_train']} train / {counts['nlvr_dev']} dev / "
+            f"{counts['nlvr_test']} test statements -> {out_dir}")
 
 
 # -----------------------------------------------------------------------------
@@ -572,7 +778,9 @@ def _add_synth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train", type=int, default=4000, help="noisy web image-text pairs")
     p.add_argument("--clean", type=int, default=500, help="clean images with several captions and VQA pairs")
-    p.add_argument("--test", type=int, default=200, help="test images with 5 captions and VQA pairs")
+    p.add_argument("--val", type=int, default=200, help="val images with 5 captions, VQA pairs and NLVR pairs")
+    p.add_argument("--test", type=int, default=200, help="test images with 5 captions, VQA pairs and NLVR pairs")
+    p.add_argument("--nlvr-statements", type=int, default=4, help="NLVR statements per image pair (half true)")
     p.add_argument("--noise", type=float, default=0.3, help="fraction of noisy web pairs")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--shard-size", type=int, default=500, help="samples per tar shard")
@@ -583,7 +791,7 @@ def cmd_synth(args) -> int:
     try:
         counts = generate_corpus(args.out, seed=args.seed, n_train=args.train, n_clean=args.clean,
                                  n_test=args.test, noise_fraction=args.noise, image_size=args.image_size,
-                                 shard_size=args.shard_size)
+                                 shard_size=args.shard_size, n_val=args.val, nlvr_statements=args.nlvr_statements)
     except (ValueError, OSError) as e:
         print(f"blip: error: {e}", file=sys.stderr)
         return 2
