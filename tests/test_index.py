@@ -106,10 +106,19 @@ def test_another_model_is_refused(model, tmp_path):
 
 
 def test_approximate_index_past_the_threshold(model, tmp_path):
-    paths = _images(tmp_path / "photos", 5)
-    index = build_index(model, tmp_path / "photos", tmp_path / "idx", progress=False, approx_min=3)
-    assert index.kind == "hnsw" and ImageIndex.open(tmp_path / "idx").kind == "hnsw"
-    assert index.search(model, Image.open(paths[3]), k=1)[0]["path"] == paths[3]
+    paths = _images(tmp_path / "photos", 4)
+    index = build_index(model, tmp_path / "photos", tmp_path / "idx", progress=False, approx_min=5)
+    assert index.kind == "flat"
+    extra = _images(tmp_path / "more", 2, seed=1)
+    index = build_index(model, [tmp_path / "more"], tmp_path / "idx", progress=False)  # the earlier files stay
+    assert len(index) == 6 and index.kind == "hnsw" and ImageIndex.open(tmp_path / "idx").kind == "hnsw"
+    for p in (paths[3], extra[1]):
+        assert index.search(model, Image.open(p), k=1)[0]["path"] == p
+    newest = tmp_path / "more" / "newest.png"
+    Image.new("RGB", (40, 48), (0, 90, 250)).save(newest)
+    index = build_index(model, tmp_path / "more", tmp_path / "idx", progress=False)  # appended to the graph
+    assert index.index.ntotal == 7 and index.kind == "hnsw"
+    assert ImageIndex.open(tmp_path / "idx").search(model, newest, k=1)[0]["path"] == str(newest.resolve())
 
 
 def test_cli_round_trip(model_dir, tmp_path, capsys):

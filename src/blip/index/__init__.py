@@ -266,9 +266,15 @@ class ImageIndex:
         for r in items:
             if "id" not in r:
                 r["id"], next_id = next_id, next_id + 1
+        approx_min = self.info.get("approx_min", APPROX_MIN)
+        appended = keep_rows == list(range(len(self.items))) and (len(items) >= approx_min) == (self.kind == "hnsw")
         self.items = items
         self.vectors = np.concatenate(parts).astype(np.float32, copy=False).reshape(len(items), self.info["dim"])
-        self.index = _vector_index(self.vectors, self.info.get("approx_min", APPROX_MIN))
+        if appended and self.index.ntotal == len(keep_rows):  # nothing removed: add to the index as it is
+            if len(items) > len(keep_rows):
+                self.index.add(np.ascontiguousarray(self.vectors[len(keep_rows):]))
+        else:  # rebuilt: an HNSW graph cannot drop nodes
+            self.index = _vector_index(self.vectors, approx_min)
         self.info.update(count=len(items), next_id=next_id, kind=self.kind)
         self.save()
         self.last_update = counts
