@@ -29,7 +29,7 @@ import torch
 __all__ = ["build_index", "ImageIndex", "IndexModelError", "fingerprint", "APPROX_MIN"]
 
 VERSION = 1
-APPROX_MIN = 200_000  # rows from which an HNSW index replaces exact search (benchmarks/index_recall.py)
+APPROX_MIN = 100_000  # rows from which an HNSW index replaces exact search (benchmarks/index_recall.py)
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
 
 
