@@ -350,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_cli(sub)
     from blip.reproduce.cli import add_cli as add_reproduce_cli
     add_reproduce_cli(sub)
+    from blip.grounding import add_cli as add_ground_cli
+    add_ground_cli(sub)
+    from blip.index.cli import add_cli as add_index_cli
+    add_index_cli(sub)
     try:
         from blip.train.cli import add_cli as add_train_cli
     except ImportError:  # the training package is optional at import time
