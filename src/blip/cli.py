@@ -215,6 +215,11 @@ def cmd_info(args) -> int:
         print(f"task        {model.config.task}")
         print(f"vision      ViT {v.width}w x {v.depth} layers, {v.heads} heads, patch {v.patch_size}, {v.image_size}px")
         print(f"text        {t.width}w x {t.depth} layers, {t.heads} heads, ffn {t.ffn}, vocab {t.vocab_size}")
+        if model.config.task == "nlvr":
+            from blip.nlvr import merge_from
+            print(f"nlvr        two images, two cross-attentions per text layer: averaged in layers "
+                  f"0-{merge_from(t.depth) - 1}, merged by a Linear in {merge_from(t.depth)}-{t.depth - 1}; "
+                  f"True/False head")
         for part, n in info["parameters"].items():
             print(f"params      {part:<16}{n / 1e6:9.2f}M")
         for note in info["notes"]:
@@ -357,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("checkpoint")
-    p.add_argument("--task", choices=["pretrain", "caption", "retrieval", "vqa", "feature"])
+    p.add_argument("--task", choices=["pretrain", "caption", "retrieval", "vqa", "feature", "nlvr"])
     p.add_argument("--json", action="store_true")
     p.add_argument("--non-strict", action="store_true")
     p.set_defaults(func=cmd_info)
