@@ -137,6 +137,9 @@ class Attention(nn.Module):
         self.self = AttentionProjections(cfg.width, cfg.heads, kv_width, cfg.attention_dropout)
         self.output = AttentionOutput(cfg)
 
+    def kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.self.kv(states)
+
 
 class TwinAttentionOutput(nn.Module):
     """NLVR2's cross-attention output (official `nlvr_encoder.BertSelfOutput(twin=True)`): one dense per
@@ -319,7 +322,7 @@ class TextTransformer(nn.Module):
         return self.encoder.layer
 
     def cross_kv(self, states: torch.Tensor) -> list:
-        return [(layer.crossattention if self.twin else layer.crossattention.self).kv(states) for layer in self.layers]
+        return [layer.crossattention.kv(states) for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 encoder_states: torch.Tensor | None = None, encoder_mask: torch.Tensor | None = None,
