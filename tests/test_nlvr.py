@@ -318,6 +318,9 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
     entries[0]["images"][0] = "gone.png"
     dev.write_text(json.dumps(entries))
     runs.append(["evaluate", "--task", "nlvr", "--model", str(model_dir), "--data", str(dev)])
+    pretrained = save_official(blip.create_model("tiny", task="pretrain"), tmp_path / "pre.pth")
+    runs.append(["evaluate", "--task", "nlvr", "--model", str(pretrained), "--data", str(caption_file)])
+    runs.append(["caption", "--model", str(model_dir), str(data / "red.png")])  # not a captioner
     for argv in runs:
         assert cli(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -52,7 +52,13 @@ def _model(args, task: str):
     if name in PRESETS:
         print(f"blip: warning: '{name}' is a preset: random weights, output is meaningless", file=sys.stderr)
         return blip.create_model(name, task=task, device=args.device, dtype=args.dtype)
-    return blip.load(name, task=args.task, device=args.device, dtype=args.dtype)
+    model = blip.load(name, task=args.task, device=args.device, dtype=args.dtype)
+    if model.config.task == "nlvr" and task != "nlvr":  # the two-image model has none of the others' methods
+        raise CliError(f"{name} is an NLVR2 model: use blip evaluate --task nlvr (or model.predict in Python)")
+    if task == "nlvr" and model.config.task != "nlvr":
+        raise CliError(f"{name} is a '{model.config.task}' model; NLVR2 evaluation needs an NLVR2 checkpoint "
+                       "(blip finetune --task nlvr makes one)")
+    return model
 
 
 def _say(line: str) -> None:
