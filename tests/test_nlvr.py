@@ -1,6 +1,7 @@
 """NLVR2: the two-image model, its official checkpoint layout, finetuning and evaluation (tiny models)."""
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -325,3 +326,14 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
         assert cli(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("blip: error: "), err
+
+
+def test_configs_follow_the_official_recipe():
+    from blip.train.config import TrainConfig
+    configs = Path(__file__).parent.parent / "configs"
+    cfg = TrainConfig.load(configs / "nlvr.json")
+    assert (cfg.task, cfg.init, cfg.image_size, cfg.batch_size, cfg.init_lr, cfg.min_lr, cfg.epochs, cfg.schedule,
+            cfg.weight_decay, cfg.min_scale) == ("nlvr", "model_base", 384, 16, 3e-5, 0.0, 15, "cosine", 0.05, 0.5)
+    assert cfg.model_config().vision.drop_path == 0.1 and cfg.val_file.endswith("nlvr_dev.json")
+    synthetic = TrainConfig.load(configs / "nlvr_synthetic.json")
+    assert synthetic.task == "nlvr" and synthetic.train_files == ["runs/synthetic/nlvr_train.json"]
