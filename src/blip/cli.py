@@ -223,9 +223,8 @@ def cmd_info(args) -> int:
         print(f"text        {t.width}w x {t.depth} layers, {t.heads} heads, ffn {t.ffn}, vocab {t.vocab_size}")
         if model.config.task == "nlvr":
             from blip.nlvr import merge_from
-            print(f"nlvr        two images, two cross-attentions per text layer: averaged in layers "
-                  f"0-{merge_from(t.depth) - 1}, merged by a Linear in {merge_from(t.depth)}-{t.depth - 1}; "
-                  f"True/False head")
+            print(f"nlvr        two cross-attentions per text layer, one per image: averaged below layer "
+                  f"{merge_from(t.depth)}, merged by a Linear from there on; True/False head")
         for part, n in info["parameters"].items():
             print(f"params      {part:<16}{n / 1e6:9.2f}M")
         for note in info["notes"]:
