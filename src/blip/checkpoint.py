@@ -74,13 +74,13 @@ def _count(sd: dict, prefix: str) -> int:
 
 
 def infer_task(sd: dict) -> str:
-    if any("merge_layer" in k or k.startswith("cls_head.") for k in sd):
-        raise CheckpointError("this is an NLVR2 checkpoint; NLVR2 models are not supported yet")
     enc = any(k.startswith("text_encoder.") for k in sd)
     dec = any(k.startswith("text_decoder.") for k in sd)
     itm = "itm_head.weight" in sd
     if not any(k.startswith("visual_encoder.") for k in sd):
         raise CheckpointError("no image encoder weights (visual_encoder.*): not a BLIP checkpoint")
+    if enc and any(k.startswith("cls_head.") or ".crossattention.self0." in k for k in sd):
+        return "nlvr"
     if enc and dec:
         return "pretrain" if itm else "vqa"
     if dec:
@@ -103,6 +103,7 @@ def config_from_state_dict(sd: dict, task: str | None = None) -> BlipConfig:
     words = sd[p + "embeddings.word_embeddings.weight"]
     tw = words.shape[1]
     cross_key = next((k for k in ("text_encoder.encoder.layer.0.crossattention.self.key.weight",
+                                   "text_encoder.encoder.layer.0.crossattention.self0.key.weight",  # NLVR2
                                    "text_decoder.bert.encoder.layer.0.crossattention.self.key.weight") if k in sd), None)
     cross = sd[cross_key].shape[1] if cross_key else None
     text = TextConfig(vocab_size=words.shape[0], width=tw, depth=_count(sd, p + "encoder.layer."),

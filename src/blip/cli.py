@@ -52,7 +52,13 @@ def _model(args, task: str):
     if name in PRESETS:
         print(f"blip: warning: '{name}' is a preset: random weights, output is meaningless", file=sys.stderr)
         return blip.create_model(name, task=task, device=args.device, dtype=args.dtype)
-    return blip.load(name, task=args.task, device=args.device, dtype=args.dtype)
+    model = blip.load(name, task=args.task, device=args.device, dtype=args.dtype)
+    if model.config.task == "nlvr" and task != "nlvr":  # the two-image model has none of the others' methods
+        raise CliError(f"{name} is an NLVR2 model: use blip evaluate --task nlvr (or model.predict in Python)")
+    if task == "nlvr" and model.config.task != "nlvr":
+        raise CliError(f"{name} is a '{model.config.task}' model; NLVR2 evaluation needs an NLVR2 checkpoint "
+                       "(blip finetune --task nlvr makes one)")
+    return model
 
 
 def _say(line: str) -> None:
@@ -215,6 +221,10 @@ def cmd_info(args) -> int:
         print(f"task        {model.config.task}")
         print(f"vision      ViT {v.width}w x {v.depth} layers, {v.heads} heads, patch {v.patch_size}, {v.image_size}px")
         print(f"text        {t.width}w x {t.depth} layers, {t.heads} heads, ffn {t.ffn}, vocab {t.vocab_size}")
+        if model.config.task == "nlvr":
+            from blip.nlvr import merge_from
+            print(f"nlvr        two cross-attentions per text layer, one per image: averaged below layer "
+                  f"{merge_from(t.depth)}, merged by a Linear from there on; True/False head")
         for part, n in info["parameters"].items():
             print(f"params      {part:<16}{n / 1e6:9.2f}M")
         for note in info["notes"]:
@@ -363,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("checkpoint")
-    p.add_argument("--task", choices=["pretrain", "caption", "retrieval", "vqa", "feature"])
+    p.add_argument("--task", choices=["pretrain", "caption", "retrieval", "vqa", "feature", "nlvr"])
     p.add_argument("--json", action="store_true")
     p.add_argument("--non-strict", action="store_true")
     p.set_defaults(func=cmd_info)

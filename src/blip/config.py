@@ -17,7 +17,7 @@ from typing import Any
 
 # Which parts a task model owns. One MED implementation serves them all; a task only decides
 # which towers and heads exist and what the decoder cross-attends to.
-TASKS = ("pretrain", "caption", "retrieval", "vqa", "feature")
+TASKS = ("pretrain", "caption", "retrieval", "vqa", "feature", "nlvr")
 
 
 @dataclass

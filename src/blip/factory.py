@@ -6,6 +6,7 @@ import torch
 from .checkpoint import CheckpointError, load_into, read_checkpoint
 from .config import PRESETS, BlipConfig, get_config
 from .model import Blip
+from .nlvr import BlipNLVR, twin_state_dict
 from .pretrained import resolve
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16-full": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -62,6 +63,11 @@ def _place(model: Blip, device: torch.device, dtype) -> Blip:
     return model.eval()
 
 
+def build(config: BlipConfig) -> Blip | BlipNLVR:
+    """The model class of `config.task`: NLVR2's two-image model has its own."""
+    return BlipNLVR(config) if config.task == "nlvr" else Blip(config)
+
+
 def create_model(config: BlipConfig | str = "base", task: str | None = None, device=None, dtype=None,
                  **overrides) -> Blip:
     """A randomly initialised model from a preset name or a config, e.g. create_model("tiny", "caption")."""
@@ -72,7 +78,7 @@ def create_model(config: BlipConfig | str = "base", task: str | None = None, dev
         overrides["task"] = task
     if overrides:
         config = config.replace(**overrides)
-    return _place(Blip(config), device, dtype)
+    return _place(build(config), device, dtype)
 
 
 def load(name_or_path, task: str | None = None, config: BlipConfig | str | dict | None = None,
@@ -101,11 +107,13 @@ def load(name_or_path, task: str | None = None, config: BlipConfig | str | dict 
         cfg = config or inferred
     if task and cfg.task != task:
         cfg = cfg.replace(task=task)
+    if cfg.task == "nlvr":  # from a one-image checkpoint: its cross-attention copied to both branches
+        sd = twin_state_dict(sd)
     with torch.device("meta"):  # no random initialisation of weights about to be overwritten
-        model = Blip(cfg)
+        model = build(cfg)
     report = load_into(model, sd, strict=strict)
     if any(t.is_meta for t in model.state_dict().values()):  # some tensors kept their initial value
-        model = Blip(cfg)
+        model = build(cfg)
         report = load_into(model, sd, strict=strict)
     model.load_report = report
     model.source = str(name_or_path)  # what it was loaded from: an image index records it (blip.index)

@@ -4,6 +4,9 @@
 `mode="multimodal"` image-grounded encoder ([ENC] first; cross-attention after self-attention);
 `mode="causal"`     image-grounded decoder ([DEC] first; causal self-attention), with a KV cache.
 
+NLVR2's encoder (`twin_merge_from`) gives every layer two cross-attentions, one per image of a pair
+(`TwinAttention`); `encoder_states` is then a pair of (B, S, W) tensors.
+
 Parameter names follow the official checkpoints (`encoder.layer.{i}.attention.self.query`, ...), so
 official state dicts load without renaming. Cross-attention keys/values are computed once per image
 (or question) and shared by all rows that belong to it: rows are grouped contiguously, and a group's
@@ -170,6 +173,50 @@ class Attention(nn.Module):
         self.self = AttentionProjections(cfg.width, cfg.heads, kv_width, cfg.attention_dropout)
         self.output = AttentionOutput(cfg)
 
+    def kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.self.kv(states)
+
+
+class TwinAttentionOutput(nn.Module):
+    """NLVR2's cross-attention output (official `nlvr_encoder.BertSelfOutput(twin=True)`): one dense per
+    image branch, then their mean, or from `merge` on a Linear over their concatenation; one residual
+    LayerNorm shared by both branches."""
+
+    def __init__(self, cfg: TextConfig, merge: bool):
+        super().__init__()
+        self.dense0 = packed.Linear(cfg.width, cfg.width)
+        self.dense1 = packed.Linear(cfg.width, cfg.width)
+        self.LayerNorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.dropout = Dropout(cfg.dropout)
+        if merge:
+            self.merge_layer = packed.Linear(2 * cfg.width, cfg.width)
+
+    def forward(self, a0, a1, residual):
+        h0, h1 = self.dense0(a0), self.dense1(a1)
+        h = self.merge_layer(torch.cat([h0, h1], -1)) if hasattr(self, "merge_layer") else (h0 + h1) / 2
+        return self.LayerNorm(self.dropout(h) + residual)
+
+
+class TwinAttention(nn.Module):
+    """Two cross-attentions from the same text queries, `self0` over the first image and `self1` over
+    the second, combined by `TwinAttentionOutput` (official names, so `model_base_nlvr.pth` loads)."""
+
+    def __init__(self, cfg: TextConfig, kv_width: int, merge: bool):
+        super().__init__()
+        self.self0 = AttentionProjections(cfg.width, cfg.heads, kv_width, cfg.attention_dropout)
+        self.self1 = AttentionProjections(cfg.width, cfg.heads, kv_width, cfg.attention_dropout)
+        self.output = TwinAttentionOutput(cfg, merge)
+
+    def kv(self, states: tuple[torch.Tensor, torch.Tensor]) -> tuple:
+        return self.self0.kv(states[0]), self.self1.kv(states[1])
+
+    def forward(self, x, kv: tuple, masks: tuple, training: bool) -> torch.Tensor:
+        out = []
+        for proj, (k, v), mask in zip((self.self0, self.self1), kv, masks):
+            q = _heads(proj.query(x), proj.heads)
+            out.append(_merge(grouped_attention(q, k, v, mask, proj.dropout if training else 0.0)))
+        return self.output(*out, x)
+
 
 class Intermediate(nn.Module):
     def __init__(self, cfg: TextConfig):
@@ -185,11 +232,12 @@ class Intermediate(nn.Module):
 class Layer(nn.Module):
     """self-attention -> cross-attention (multimodal/causal only) -> FFN, post-LN residuals."""
 
-    def __init__(self, cfg: TextConfig, cross_width: int | None):
+    def __init__(self, cfg: TextConfig, cross_width: int | None, twin_merge: bool | None = None):
         super().__init__()
         self.attention = Attention(cfg, cfg.width)
         if cross_width:
-            self.crossattention = Attention(cfg, cross_width)
+            self.crossattention = (Attention(cfg, cross_width) if twin_merge is None
+                                   else TwinAttention(cfg, cross_width, twin_merge))
         self.intermediate = Intermediate(cfg)
         self.output = AttentionOutput(cfg, cfg.ffn)
 
@@ -204,7 +252,9 @@ class Layer(nn.Module):
         else:
             a = attention(q, k, v, self_mask, drop)
         x = self.attention.output(_merge(a), x)
-        if cross_kv is not None:
+        if cross_kv is not None and isinstance(self.crossattention, TwinAttention):
+            x = self.crossattention(x, cross_kv, cross_mask, self.training)
+        elif cross_kv is not None:
             cproj = self.crossattention.self
             if isinstance(cross_kv, RawStates):
                 a = cproj.absorbed(x, cross_kv, cross_mask)
@@ -245,9 +295,10 @@ class Embeddings(nn.Module):
 
 
 class _Stack(nn.Module):
-    def __init__(self, cfg: TextConfig, cross_width: int | None):
+    def __init__(self, cfg: TextConfig, cross_width: int | None, twin_merge_from: int | None = None):
         super().__init__()
-        self.layer = nn.ModuleList(Layer(cfg, cross_width) for _ in range(cfg.depth))
+        twin = [None if twin_merge_from is None else i >= twin_merge_from for i in range(cfg.depth)]
+        self.layer = nn.ModuleList(Layer(cfg, cross_width, twin[i]) for i in range(cfg.depth))
 
 
 @dataclass
@@ -293,24 +344,28 @@ def key_padding_mask(mask: torch.Tensor | None, dtype=torch.bool) -> torch.Tenso
 
 
 class TextTransformer(nn.Module):
-    def __init__(self, cfg: TextConfig, cross_width: int | None):
+    def __init__(self, cfg: TextConfig, cross_width: int | None, twin_merge_from: int | None = None):
+        """twin_merge_from: NLVR2's two-image encoder, whose layers from this index on merge the two
+        cross-attention branches through a Linear (earlier ones average them); None: one image."""
         super().__init__()
         self.cfg = cfg
+        self.twin = twin_merge_from is not None
         self.embeddings = Embeddings(cfg)
-        self.encoder = _Stack(cfg, cross_width)
+        self.encoder = _Stack(cfg, cross_width, twin_merge_from)
 
     @property
     def layers(self):
         return self.encoder.layer
 
     def cross_kv(self, states: torch.Tensor) -> list:
-        return [layer.crossattention.self.kv(states) for layer in self.layers]
+        return [layer.crossattention.kv(states) for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 encoder_states: torch.Tensor | None = None, encoder_mask: torch.Tensor | None = None,
                 mode: str = "multimodal", cache: KVCache | None = None) -> torch.Tensor:
         """Hidden states (R, T, width). encoder_states (G, S, cross_width) with R a multiple of G:
-        rows [i*R/G, (i+1)*R/G) attend to group i."""
+        rows [i*R/G, (i+1)*R/G) attend to group i. The two-image encoder takes a pair of (R, S, W)
+        states (and masks)."""
         if mode not in ("text", "multimodal", "causal"):
             raise ValueError(f"unknown mode {mode!r}")
         causal = mode == "causal"
@@ -329,9 +384,15 @@ class TextTransformer(nn.Module):
         else:
             if encoder_states is None:
                 raise ValueError(f"mode {mode!r} needs encoder_states (image or question states)")
-            if input_ids.shape[0] % encoder_states.shape[0]:
+            if self.twin:
+                if len(encoder_states) != 2 or any(e.shape[0] != input_ids.shape[0] for e in encoder_states):
+                    raise ValueError("the two-image encoder needs a pair of image states, one row per text each")
+                masks = (None, None) if encoder_mask is None else encoder_mask
+                cross_kv, cross_mask = self.cross_kv(encoder_states), tuple(key_padding_mask(m) for m in masks)
+            elif input_ids.shape[0] % encoder_states.shape[0]:
                 raise ValueError("the number of text rows must be a multiple of the number of image rows")
-            cross_kv, cross_mask = self.cross_kv(encoder_states), key_padding_mask(encoder_mask)
+            else:
+                cross_kv, cross_mask = self.cross_kv(encoder_states), key_padding_mask(encoder_mask)
         for i, layer in enumerate(self.layers):
             cross = cross_kv if cross_kv is None or isinstance(cross_kv, RawStates) else cross_kv[i]
             x = layer(x, self_mask, cross, cross_mask, cache, i, causal)

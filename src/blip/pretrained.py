@@ -26,6 +26,7 @@ OFFICIAL = {  # name -> task
     "model_base_retrieval_flickr": "retrieval", "model_large_retrieval_flickr": "retrieval",
     "model_base_caption_capfilt_large": "caption", "model_large_caption": "caption",
     "model_vqa": "vqa", "model_base_vqa_capfilt_large": "vqa",
+    "model_base_nlvr": "nlvr",
 }
 
 HUB = {  # the Salesforce repositories transformers publishes
