@@ -66,6 +66,7 @@ def create_app(models: Models, limits: Limits | None = None, *, max_batch: int =
     app.router.add_event_handler("shutdown", batcher.close)
     _add_error_handlers(app)
     transforms: dict[int, EvalTransform] = {}
+    decoding = asyncio.Semaphore(min(4, os.cpu_count() or 1))  # a few decoded images in memory at a time
 
     async def read_image(upload: UploadFile | None, model=None):
         """The upload as a PIL image and, for `model`, its normalised tensor; decoded off the event loop."""
@@ -79,7 +80,8 @@ def create_app(models: Models, limits: Limits | None = None, *, max_batch: int =
                 return pil, None
             size = model.config.vision.image_size
             return pil, transforms.setdefault(size, EvalTransform(size))(pil)
-        return await run_in_threadpool(prepare)
+        async with decoding:
+            return await run_in_threadpool(prepare)
 
     # ------------------------------------------------------------------ pages
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

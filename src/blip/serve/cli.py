@@ -68,7 +68,9 @@ def cmd_serve(args) -> int:
     limits = Limits(upload_bytes=int(args.max_upload_mb * 2**20), pixels=args.max_pixels)
     app = create_app(models, limits, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1e3,
                      max_queue=args.queue_size, timeout=args.timeout)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # uvicorn's own bound on open connections and tasks (503 past it), well above the model queue's
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                limit_concurrency=max(256, 4 * args.queue_size))
     return 0
 
 
