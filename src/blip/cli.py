@@ -348,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from blip.data.synth import add_cli as add_data_cli
     add_data_cli(sub)
+    from blip.grounding import add_cli as add_ground_cli
+    add_ground_cli(sub)
+    from blip.index.cli import add_cli as add_index_cli
+    add_index_cli(sub)
     from blip.serve.cli import add_cli as add_serve_cli
     add_serve_cli(sub)
     try:

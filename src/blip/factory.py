@@ -108,4 +108,5 @@ def load(name_or_path, task: str | None = None, config: BlipConfig | str | dict 
         model = Blip(cfg)
         report = load_into(model, sd, strict=strict)
     model.load_report = report
+    model.source = str(name_or_path)  # what it was loaded from: an image index records it (blip.index)
     return _place(model, device, dtype)

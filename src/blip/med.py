@@ -11,6 +11,8 @@ queries are stacked along the query axis instead of copying the image states per
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +45,40 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     q = q.view(g, per, h, t, d).transpose(1, 2).reshape(g, h, per * t, d)
     out = attention(q, k, v, mask, dropout_p)
     return out.view(g, h, per, t, d).transpose(1, 2).reshape(r, h, t, d)
+
+
+_probe = threading.local()  # the cross-attention module being recorded in this thread, if any
+
+
+@contextmanager
+def record_cross_attention(module: "AttentionProjections"):
+    """While active, this thread's forwards through the cross-attention `module` take an explicit
+    softmax path and append its probabilities (R, heads, T, S; fp32, requiring grad) to the yielded
+    list, for Grad-CAM (`blip.grounding`). Every other module and thread keeps the fused kernel."""
+    prev = getattr(_probe, "target", None), getattr(_probe, "probs", None)
+    _probe.target, _probe.probs = module, []
+    try:
+        yield _probe.probs
+    finally:
+        _probe.target, _probe.probs = prev
+
+
+def _probed_attention(q, k, v, mask, dropout_p: float) -> torch.Tensor:
+    """`grouped_attention` with the probabilities materialised and recorded (see record_cross_attention)."""
+    per = q.shape[0] // k.shape[0]
+    if per > 1:
+        k, v = k.repeat_interleave(per, 0), v.repeat_interleave(per, 0)
+        mask = None if mask is None else mask.repeat_interleave(per, 0)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(-1, dtype=torch.float32)
+    if not probs.requires_grad and torch.is_grad_enabled():
+        probs.requires_grad_()  # frozen weights: the probabilities become the leaf to differentiate
+    _probe.probs.append(probs)
+    if dropout_p > 0:
+        probs = dropout(probs, dropout_p)
+    return probs.to(v.dtype) @ v
 
 
 @dataclass
@@ -174,8 +210,8 @@ class Layer(nn.Module):
                 a = cproj.absorbed(x, cross_kv, cross_mask)
             else:
                 q = _heads(cproj.query(x), cproj.heads)
-                a = _merge(grouped_attention(q, cross_kv[0], cross_kv[1], cross_mask,
-                                             cproj.dropout if self.training else 0.0))
+                run = _probed_attention if getattr(_probe, "target", None) is cproj else grouped_attention
+                a = _merge(run(q, cross_kv[0], cross_kv[1], cross_mask, cproj.dropout if self.training else 0.0))
             x = self.crossattention.output(a, x)
         return self.output(self.intermediate(x), x)
 
