@@ -1,5 +1,5 @@
 """The web page in a real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium):
-upload a generated image, caption it, match it, see a heat map, run a search; a screenshot is saved
+upload a generated image, caption it, match it, run a search, see a heat map; a screenshot is saved
 in the test's tmp folder (and copied to $BLIP_SERVE_SCREENSHOT when set)."""
 import os
 import shutil
@@ -49,11 +49,19 @@ def _run(driver, task: str, texts: str | None = None, timeout: float = 60):
     assert "error" not in status.get_attribute("class"), status.text
 
 
-def test_page_captions_matches_grounds_and_searches(browser, tmp_path):
+def test_page_captions_matches_searches_and_grounds(browser, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from blip.index import build_index
     ckpts = save_tiny(tmp_path / "ckpt")
     caption, retrieval = blip.load(ckpts["caption"], device="cpu"), blip.load(ckpts["retrieval"], device="cpu")
-    served = Served(create_app(Models(main=caption, retrieval=retrieval, names={"caption": "tiny caption"})))
+    (tmp_path / "images").mkdir()
+    for i in range(5):
+        (tmp_path / "images" / f"{i}.png").write_bytes(png(20 + i))
+    index = build_index(retrieval, tmp_path / "images", tmp_path / "index", progress=False)
+    served = Served(create_app(Models(main=caption, retrieval=retrieval, index=index,
+                                      names={"caption": "tiny caption", "match": "tiny retrieval"})))
     try:
         picture = tmp_path / "picture.png"
         picture.write_bytes(png(7, (160, 120)))
@@ -68,6 +76,23 @@ def test_page_captions_matches_grounds_and_searches(browser, tmp_path):
         _run(browser, "match", "a red square\na dog")
         bars = browser.find_elements(By.CSS_SELECTOR, "#bars .bar")
         assert [b.find_element(By.CSS_SELECTOR, ".name span").text for b in bars] == ["a red square", "a dog"]
+
+        _run(browser, "search", "a red square")
+        figures = browser.find_elements(By.CSS_SELECTOR, "#grid figure")
+        assert len(figures) == 5
+        assert all(f.find_element(By.TAG_NAME, "img").get_attribute("src").startswith("data:image/jpeg")
+                   for f in figures)
+        WebDriverWait(browser, 10).until(lambda d: d.execute_script(  # the thumbnails decode as images
+            "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"))
+
+        _run(browser, "ground", "a red square on the left")
+        overlay = browser.find_element(By.ID, "overlay")
+        assert overlay.get_attribute("src").startswith("data:image/png;base64,")
+        words = [b.text for b in browser.find_elements(By.CSS_SELECTOR, "#words button")]
+        assert words == ["whole text", "a", "red", "square", "on", "the", "left"]
+        browser.find_elements(By.CSS_SELECTOR, "#words button")[3].click()  # one word's map
+        WebDriverWait(browser, 10).until(
+            lambda d: d.execute_script("return document.getElementById('overlay').naturalWidth") == 160)
 
         browser.save_screenshot(str(tmp_path / "serve.png"))
         assert (tmp_path / "serve.png").stat().st_size > 10_000

@@ -28,10 +28,21 @@ def models(ckpts):
 
 
 @pytest.fixture(scope="module")
-def full(models):
-    """Caption, retrieval and VQA models behind one server."""
-    served = Served(create_app(Models(main=models["caption"], retrieval=models["retrieval"], vqa=models["vqa"]),
-                               max_wait=0.002))
+def index(models, tmp_path_factory):
+    """An image index of six generated pictures, built with the retrieval model."""
+    from blip.index import build_index
+    root = tmp_path_factory.mktemp("index")
+    for i in range(6):
+        (root / "images").mkdir(exist_ok=True)
+        (root / "images" / f"{i}.png").write_bytes(png(10 + i))
+    return build_index(models["retrieval"], root / "images", root / "index", progress=False)
+
+
+@pytest.fixture(scope="module")
+def full(models, index):
+    """Caption, retrieval and VQA models and the image index behind one server."""
+    served = Served(create_app(Models(main=models["caption"], retrieval=models["retrieval"], vqa=models["vqa"],
+                                      index=index), max_wait=0.002))
     yield served
     served.close()
 
@@ -100,12 +111,41 @@ def test_caption_vqa_match_embed_classify_equal_direct_calls(full, models):
     torch.testing.assert_close(torch.tensor([by_label[lb] for lb in labels]), itc, rtol=0, atol=1e-5)
 
 
+def test_ground_and_search_equal_direct_calls(full, models, index):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from blip import grounding
+    ret, img = models["retrieval"], pil(png(3, (160, 120)))
+    r = post(full, "/ground", {"image": ("x.png", png(3, (160, 120)), "image/png")}, {"text": "a red square, left"})
+    assert r.status_code == 200, r.text
+    g, want = r.json(), grounding.gradcam(ret, img, "a red square, left")
+    assert g["words"] == want["words"] and g["grid"] == list(want["grid"])
+    torch.testing.assert_close(torch.tensor(g["text_map"]), want["text_map"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(g["word_maps"]), want["word_maps"], rtol=0, atol=1e-5)
+    assert abs(g["itm"] - want["itm"]) < 1e-5 and len(g["word_overlays"]) == len(g["words"])
+    assert Image.open(io.BytesIO(base64.b64decode(g["overlay"]))).size == (160, 120)
+    assert_error(post(full, "/ground", image(), {"text": "!!!"}), 422)
+
+    r = post(full, "/search", data={"text": "a red square", "k": 3}).json()
+    direct = index.search(ret, "a red square", k=3, rerank=True)
+    assert [h["path"] for h in r["results"]] == [h["path"] for h in direct]
+    for got, exp in zip(r["results"], direct):
+        assert abs(got["score"] - exp["score"]) < 1e-5 and abs(got["itm"] - exp["itm"]) < 1e-5
+        assert Image.open(io.BytesIO(base64.b64decode(got["thumbnail"]))).format == "JPEG"
+    r = post(full, "/search", {"image": ("q.png", png(12), "image/png")}, {"k": 2, "thumbnails": "false"}).json()
+    assert [h["path"] for h in r["results"]] == [h["path"] for h in index.search(ret, pil(png(12)), k=2)]
+    assert r["results"][0]["path"].endswith("2.png") and "thumbnail" not in r["results"][0]
+
+
 def test_pages_health_openapi(full):
     page = httpx.get(full.url + "/")
     assert page.status_code == 200 and "<script>" in page.text
     assert "cdn" not in page.text.lower() and 'src="http' not in page.text
     health = httpx.get(full.url + "/health").json()
-    assert health["status"] == "ok" and health["models"]["vqa"]["task"] == "vqa"
+    assert health["status"] == "ok" and health["models"]["vqa"]["task"] == "vqa" and health["index"]["images"] == 6
     spec = httpx.get(full.url + "/openapi.json").json()
     assert {"/caption", "/vqa", "/match", "/classify", "/embed", "/ground", "/search", "/health"} <= set(spec["paths"])
     assert httpx.get(full.url + "/docs").status_code == 200
@@ -183,7 +223,7 @@ def test_missing_parts_answer_409(models):
     served = Served(create_app(Models(main=models["caption"])))
     try:
         for path, data in (("/match", {"text": "a"}), ("/vqa", {"question": "what?"}), ("/classify", {"label": "a"}),
-                           ("/embed", {"text": "a"})):
+                           ("/embed", {"text": "a"}), ("/ground", {"text": "a"})):
             r = post(served, path, image(), data)
             assert_error(r, 409, "wrong_model")
             assert "checkpoint" in r.json()["detail"] and "blip serve with" in r.json()["detail"]
@@ -257,14 +297,14 @@ def test_concurrent_requests_batch_and_equal_single_results(models):
 
 
 # ------------------------------------------------------------------ the command line
-def test_blip_serve_command(ckpts, tmp_path):
+def test_blip_serve_command(ckpts, index, tmp_path):
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-m", "blip.cli", "serve", "--model", "tiny", "--retrieval",
-                             ckpts["retrieval"], "--port", str(port), "--device", "cpu", "--log-level", "warning"],
+                             ckpts["retrieval"], "--index", str(index.root), "--port", str(port), "--device", "cpu", "--log-level", "warning"],
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -277,6 +317,7 @@ def test_blip_serve_command(ckpts, tmp_path):
                 assert proc.poll() is None and time.monotonic() < deadline, "blip serve did not start"
                 time.sleep(0.2)
         assert health["models"]["caption"]["source"] == "tiny" and health["models"]["match"]["task"] == "retrieval"
+        assert health["index"]["images"] == 6
         assert httpx.post(url + "/caption", files=image()).status_code == 200
         assert httpx.post(url + "/match", files=image(), data={"text": "a"}).status_code == 200
     finally:
@@ -285,8 +326,10 @@ def test_blip_serve_command(ckpts, tmp_path):
     assert "'tiny' is a preset: random weights" in err
 
 
-def test_blip_serve_bad_model_is_one_line(tmp_path, capsys):
+def test_blip_serve_bad_model_or_index_is_one_line(tmp_path, index, capsys):
     from blip.cli import main
     assert main(["serve", "--model", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("blip: error:") and err.count("\n") == 1
+    assert main(["serve", "--model", "tiny", "--retrieval", "tiny", "--device", "cpu", "--index", str(index.root)]) == 2
+    assert "built with another model" in capsys.readouterr().err

@@ -162,7 +162,6 @@ def create_app(models: Models, limits: Limits | None = None, *, max_batch: int =
     async def ground(image: UploadFile = File(...), text: str = Form(...)):
         model = models.matcher
         check_text(text, "text", limits.text_chars)
-        _need("grounding")
         pil, _ = await read_image(image)
         return await batcher.submit(partial(tasks.ground, model), (pil, text), grad=True)
 
@@ -177,6 +176,7 @@ def create_app(models: Models, limits: Limits | None = None, *, max_batch: int =
         if models.index is None:
             raise ApiError(409, "no_index", "no image index loaded: start blip serve with --index DIR")
         query = check_text(text, "text", limits.text_chars) if text is not None else (await read_image(image))[0]
+        rerank = rerank and text is not None  # the ITM head scores image-text pairs: image queries are ITC only
         hits = await batcher.submit(partial(tasks.search, model, models.index), (query, k, rerank))
         if thumbnails:
             thumbs = await run_in_threadpool(lambda: [tasks.thumbnail(h["path"]) for h in hits])
@@ -184,13 +184,6 @@ def create_app(models: Models, limits: Limits | None = None, *, max_batch: int =
         return {"query": text if text is not None else "<image>", "results": hits}
 
     return app
-
-
-def _need(module: str) -> None:
-    try:
-        __import__(f"blip.{module}")
-    except ImportError:
-        raise ApiError(501, "unavailable", f"this build of blip has no blip.{module}") from None
 
 
 def _rss_mb() -> float | None:

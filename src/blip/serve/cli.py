@@ -46,11 +46,9 @@ def load_models(args):
     models.names["match"] = args.retrieval or models.names["caption"]
     models.names["vqa"] = args.vqa or models.names["caption"]
     if args.index:
-        try:
-            from blip.index import ImageIndex
-        except ImportError:
-            raise ValueError("this build of blip has no blip.index: --index is not available") from None
+        from blip.index import ImageIndex
         models.index = ImageIndex.open(args.index)
+        models.index.check_model(models.matcher)  # refused now rather than on the first search
     return models
 
 
