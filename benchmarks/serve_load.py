@@ -1,12 +1,13 @@
-"""Load on `blip serve`: N concurrent clients for T seconds against a server on loopback, once with
-micro-batching and once with it off (--max-batch 1), same model, same requests.
+"""Load on `blip serve`: N concurrent clients for T seconds against a server on loopback, with
+micro-batching and with it off (--max-batch 1), same model, same requests; --rounds pairs, the order
+swapped every other round (this VM's speed drifts within minutes).
 
 Prints (and writes benchmarks/results/serve_load.json) throughput, p50/p99 latency, errors (should be 0),
 the server's RSS before and after the load (memory stable), the mean batch size, and the batching gain
-(throughput batched / unbatched).
+(the median over rounds of throughput batched / unbatched).
 
     python benchmarks/serve_load.py [--model tiny] [--endpoint caption|match|embed] [--clients 16]
-                                    [--seconds 10] [--max-batch 8] [--max-wait-ms 5] [--device cpu]
+                                    [--seconds 10] [--rounds 2] [--max-batch 8] [--max-wait-ms 5] [--device cpu]
 """
 from __future__ import annotations
 
@@ -105,10 +106,13 @@ async def load(args, url: str, seconds: float, pics: list[bytes]) -> dict:
         t0 = time.perf_counter()
         await asyncio.gather(*(one_client(c) for c in range(args.clients)))
         wall = time.perf_counter() - t0
-    lat.sort()
-    pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3 if lat else None  # noqa: E731
-    return {"requests": len(lat), "errors": errors, "throughput_rps": round(len(lat) / wall, 2),
-            "p50_ms": round(pick(0.5), 1) if lat else None, "p99_ms": round(pick(0.99), 1) if lat else None,
+    return {"latencies": lat, "errors": errors, "wall": wall}
+
+
+def summary(lat: list[float]) -> dict:
+    lat = sorted(lat)
+    pick = lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3, 1) if lat else None  # noqa: E731
+    return {"p50_ms": pick(0.5), "p99_ms": pick(0.99),
             "mean_ms": round(statistics.fmean(lat) * 1e3, 1) if lat else None}
 
 
@@ -127,8 +131,18 @@ def run(args, max_batch: int, pics: list[bytes]) -> dict:
         proc.terminate()
         proc.wait(30)
     batches = h1["batches"] - h0["batches"]
-    return {"max_batch": max_batch, **result, "mean_batch": round((h1["requests"] - h0["requests"]) / max(1, batches), 2),
+    return {**result, "throughput_rps": len(result["latencies"]) / result["wall"],
+            "mean_batch": (h1["requests"] - h0["requests"]) / max(1, batches),
             "rss_mb_before": round(before, 1), "rss_mb_after": round(after, 1)}
+
+
+def combine(runs: list[dict], max_batch: int) -> dict:
+    lat = [x for r in runs for x in r["latencies"]]
+    return {"max_batch": max_batch, "requests": len(lat), "errors": sum(r["errors"] for r in runs),
+            "throughput_rps": round(statistics.median(r["throughput_rps"] for r in runs), 2),
+            "throughput_rps_rounds": [round(r["throughput_rps"], 2) for r in runs], **summary(lat),
+            "mean_batch": round(statistics.fmean(r["mean_batch"] for r in runs), 2),
+            "rss_mb_before": [r["rss_mb_before"] for r in runs], "rss_mb_after": [r["rss_mb_after"] for r in runs]}
 
 
 def main() -> None:
@@ -139,6 +153,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--rounds", type=int, default=2, help="pairs of runs (batched, unbatched), order swapped each round")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the server")
@@ -146,12 +161,16 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
     args = ap.parse_args()
     pics = images()
-    batched = run(args, args.max_batch, pics)
-    single = run(args, 1, pics)
+    runs = {args.max_batch: [], 1: []}
+    for r in range(args.rounds):
+        for mb in ((args.max_batch, 1) if r % 2 == 0 else (1, args.max_batch)):
+            runs[mb].append(run(args, mb, pics))
+    gains = [b["throughput_rps"] / max(u["throughput_rps"], 1e-9) for b, u in zip(runs[args.max_batch], runs[1])]
     report = {"endpoint": args.endpoint, "model": args.model, "clients": args.clients, "seconds": args.seconds,
-              "server_threads": args.threads, "command": " ".join(["python", *sys.argv]),
-              "batched": batched, "unbatched": single,
-              "batching_gain": round(batched["throughput_rps"] / max(single["throughput_rps"], 1e-9), 2)}
+              "rounds": args.rounds, "max_wait_ms": args.max_wait_ms, "server_threads": args.threads,
+              "command": " ".join(["python", *sys.argv]),
+              "batched": combine(runs[args.max_batch], args.max_batch), "unbatched": combine(runs[1], 1),
+              "batching_gain": round(statistics.median(gains), 2), "batching_gain_rounds": [round(g, 2) for g in gains]}
     print(json.dumps(report, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

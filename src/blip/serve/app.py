@@ -112,7 +112,8 @@ def create_app(models: Models, limits: Limits | None = None, *, max_batch: int =
             raise ApiError(422, "too_long", f"prompt longer than {limits.text_chars} characters")
         if min_length > max_length:
             raise ApiError(422, "invalid", f"min_length ({min_length}) exceeds max_length ({max_length})")
-        pil, x = await read_image(image, model)
+        with batcher.preparing("caption"):
+            pil, x = await read_image(image, model)
         opts = dict(num_beams=num_beams, max_length=max_length, min_length=min_length, sample=sample,
                     top_p=top_p, repetition_penalty=repetition_penalty, prompt=prompt)
         key = None if seed is not None else ("caption", tuple(sorted(opts.items())))
@@ -134,7 +135,8 @@ def create_app(models: Models, limits: Limits | None = None, *, max_batch: int =
                     first_token: str = Form("enc", pattern="^(enc|cls)$")):
         model = models.matcher
         check_texts(text, "text", limits.texts, limits.text_chars)
-        _, x = await read_image(image, model)
+        with batcher.preparing("match"):
+            _, x = await read_image(image, model)
         return await batcher.submit(partial(tasks.match, model, first_token), (x, text), ("match", first_token))
 
     @app.post("/classify", summary="Zero-shot classification: ITC over the labels, ITM rerank of the top ones")
@@ -155,7 +157,8 @@ def create_app(models: Models, limits: Limits | None = None, *, max_batch: int =
             raise ApiError(422, "invalid", "give an image, texts (field 'text'), or both")
         if text:
             check_texts(text, "text", limits.texts, limits.text_chars)
-        x = (await read_image(image, model))[1] if image is not None else None
+        with batcher.preparing("embed"):
+            x = (await read_image(image, model))[1] if image is not None else None
         return await batcher.submit(partial(tasks.embed, model), (x, text or None), ("embed",))
 
     @app.post("/ground", summary="Grad-CAM heat maps of the ITM score: per word and for the whole text")

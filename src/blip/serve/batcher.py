@@ -2,17 +2,19 @@
 
 Every model call runs in one worker thread, one at a time (the models are not thread-safe, and
 two calls would only share the same cores), so the event loop stays free to accept, decode and
-answer. Requests wait in a bounded queue. Jobs that share a key (same kind of call, same model,
-same options) are run as one batch: when the worker is free it takes the oldest waiting job and
-every waiting job with its key, up to `max_batch`, after giving the oldest up to `max_wait`
-seconds for company. Under load the worker is busy while requests pile up, so batches fill
-without waiting at all.
+answer. Requests wait in a bounded queue. Jobs that share a key (a tuple: the kind of call, then
+its options) are run as one batch: when the worker is free it takes the oldest waiting job and
+every waiting job with its key, up to `max_batch`. It waits up to `max_wait` seconds for more
+only while requests of that kind are still being decoded (`preparing`): a lone request runs at
+once, and under load requests pile up while the worker is busy, so batches fill without waiting.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
@@ -46,6 +48,7 @@ class Batcher:
         self.max_batch, self.max_wait, self.max_queue, self.timeout = max_batch, max_wait, max_queue, timeout
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="blip-model")
         self.waiting: list[Job] = []
+        self.coming: Counter = Counter()  # kind -> requests being decoded, soon to be submitted
         self.batches = 0  # batches run, and the requests in them (for /health and the tests)
         self.requests = 0
         self._arrived: asyncio.Event | None = None
@@ -53,9 +56,20 @@ class Batcher:
         self._unique = itertools.count()
 
     # ------------------------------------------------------------ the request side
+    @contextlib.contextmanager
+    def preparing(self, kind: str):
+        """Around a request's decoding: a batch of `kind` may wait for it (up to max_wait)."""
+        self.coming[kind] += 1
+        try:
+            yield
+        finally:
+            self.coming[kind] -= 1
+            if self._arrived is not None:
+                self._arrived.set()
+
     async def submit(self, fn: Callable[[list], list], payload, key: Hashable = None, grad: bool = False):
-        """fn's result for payload. Jobs with an equal (not None) key may share one fn call; key=None
-        runs alone. grad=True runs outside inference mode (grounding needs gradients)."""
+        """fn's result for payload. Jobs with an equal (not None) key, a tuple starting with their kind,
+        may share one fn call; key=None runs alone. grad=True runs outside inference mode (grounding needs gradients)."""
         if self._task is None or self._task.done():
             self._arrived = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run())
@@ -97,13 +111,13 @@ class Batcher:
                 _settle(job, result)
 
     async def _gather(self) -> list[Job]:
-        """The oldest job and those waiting with its key, once the batch is full or the oldest has
-        waited max_wait."""
+        """The oldest job and those waiting with its key, once the batch is full, no more of its kind
+        are being decoded, or the oldest has waited max_wait."""
         first = self.waiting[0]
         while True:
             batch = [j for j in self.waiting if j.key == first.key][:self.max_batch]
             left = first.arrived + self.max_wait - time.monotonic()
-            if len(batch) >= self.max_batch or left <= 0 or first.dropped:
+            if len(batch) >= self.max_batch or left <= 0 or first.dropped or not self.coming[first.key[0]]:
                 break
             self._arrived.clear()
             try:
