@@ -296,6 +296,37 @@ def test_concurrent_requests_batch_and_equal_single_results(models):
         single.close()
 
 
+def test_batcher_waits_only_for_requests_being_decoded():
+    """A lone job runs at once (no max_wait); one whose batch-mate is still being decoded waits for it."""
+    import asyncio
+
+    from blip.serve.batcher import Batcher
+
+    async def scenario():
+        batcher = Batcher(max_batch=8, max_wait=5.0)
+        calls = []
+
+        def fn(payloads):
+            calls.append(list(payloads))
+            return [p * 10 for p in payloads]
+        t0 = time.monotonic()
+        assert await batcher.submit(fn, 1, ("k",)) == 10
+        assert time.monotonic() - t0 < 2.0  # did not sit out max_wait
+
+        async def decoded_later(value):
+            with batcher.preparing("k"):
+                await asyncio.sleep(0.05)
+            return await batcher.submit(fn, value, ("k",))
+
+        async def right_away(value):
+            await asyncio.sleep(0)  # let decoded_later enter `preparing` first
+            return await batcher.submit(fn, value, ("k",))
+        assert await asyncio.gather(decoded_later(2), right_away(3)) == [20, 30]
+        assert calls == [[1], [3, 2]] and (batcher.batches, batcher.requests) == (2, 3)
+        batcher.close()
+    asyncio.run(scenario())
+
+
 # ------------------------------------------------------------------ the command line
 def test_blip_serve_command(ckpts, index, tmp_path):
     import socket
