@@ -153,7 +153,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--warmup", type=float, default=2.0)
-    ap.add_argument("--rounds", type=int, default=2, help="pairs of runs (batched, unbatched), order swapped each round")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="pairs of runs (batched, unbatched), the order swapped each round")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the server")

@@ -335,7 +335,8 @@ def test_blip_serve_command(ckpts, index, tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-m", "blip.cli", "serve", "--model", "tiny", "--retrieval",
-                             ckpts["retrieval"], "--index", str(index.root), "--port", str(port), "--device", "cpu", "--log-level", "warning"],
+                             ckpts["retrieval"], "--index", str(index.root), "--port", str(port), "--device", "cpu",
+                             "--log-level", "warning"],
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = f"http://127.0.0.1:{port}"

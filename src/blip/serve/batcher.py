@@ -69,7 +69,8 @@ class Batcher:
 
     async def submit(self, fn: Callable[[list], list], payload, key: Hashable = None, grad: bool = False):
         """fn's result for payload. Jobs with an equal (not None) key, a tuple starting with their kind,
-        may share one fn call; key=None runs alone. grad=True runs outside inference mode (grounding needs gradients)."""
+        may share one fn call; key=None runs alone. grad=True runs outside inference mode (grounding
+        needs gradients)."""
         if self._task is None or self._task.done():
             self._arrived = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run())
@@ -136,7 +137,8 @@ class Batcher:
 def _settle(job: Job, result=None, exception: BaseException | None = None) -> None:
     if job.future.done():
         return
-    if job.dropped or isinstance(exception, asyncio.CancelledError):  # nobody waits for it: cancel rather than leave an unretrieved exception
+    # nobody waits for a dropped job: cancel it rather than leave an exception nobody retrieves
+    if job.dropped or isinstance(exception, asyncio.CancelledError):
         job.future.cancel()
     elif exception is not None:
         job.future.set_exception(exception)
