@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -334,9 +335,9 @@ def test_blip_serve_command(ckpts, index, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "blip.cli", "serve", "--model", "tiny", "--retrieval",
-                             ckpts["retrieval"], "--index", str(index.root), "--port", str(port), "--device", "cpu",
-                             "--log-level", "warning"],
+    # no --retrieval: the checkpoint the index was built with serves /match and /search
+    proc = subprocess.Popen([sys.executable, "-m", "blip.cli", "serve", "--model", "tiny", "--index", str(index.root),
+                             "--port", str(port), "--device", "cpu", "--log-level", "warning"],
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -349,7 +350,8 @@ def test_blip_serve_command(ckpts, index, tmp_path):
                 assert proc.poll() is None and time.monotonic() < deadline, "blip serve did not start"
                 time.sleep(0.2)
         assert health["models"]["caption"]["source"] == "tiny" and health["models"]["match"]["task"] == "retrieval"
-        assert health["index"]["images"] == 6
+        assert health["index"]["images"] == 6 and health["models"]["match"]["source"] == index.info["model"]
+        assert Path(index.info["model"]) == Path(ckpts["retrieval"]).resolve()
         assert httpx.post(url + "/caption", files=image()).status_code == 200
         assert httpx.post(url + "/match", files=image(), data={"text": "a"}).status_code == 200
     finally:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import sys
 from types import SimpleNamespace
 
@@ -14,7 +15,8 @@ def add_cli(sub) -> None:
                                          "default $BLIP_MODEL; a preset name gives random weights")
     p.add_argument("--retrieval", help="retrieval checkpoint for /match, /classify, /embed, /ground, /search")
     p.add_argument("--vqa", help="VQA checkpoint for /vqa")
-    p.add_argument("--index", help="image index folder for /search (needs the retrieval model)")
+    p.add_argument("--index", help="image index folder (`blip index`) for /search; without --retrieval, the "
+                                   "checkpoint it was built with serves it")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -37,18 +39,23 @@ def load_models(args):
     def one(name, task):
         return _model(SimpleNamespace(model=name, task=None, device=args.device, dtype=args.dtype), task)
 
-    main = one(args.model, "caption")
-    models = Models(main=main, names={"caption": args.model})
-    if args.retrieval:
-        models.retrieval = one(args.retrieval, "retrieval")
-    if args.vqa:
-        models.vqa = one(args.vqa, "vqa")
-    models.names["match"] = args.retrieval or models.names["caption"]
-    models.names["vqa"] = args.vqa or models.names["caption"]
+    main_name = args.model or os.environ.get("BLIP_MODEL")
+    models = Models(main=one(main_name, "caption"))
+    index = None
+    retrieval = args.retrieval
     if args.index:
         from blip.index import ImageIndex
-        models.index = ImageIndex.open(args.index)
-        models.index.check_model(models.matcher)  # refused now rather than on the first search
+        index = ImageIndex.open(args.index)
+        if not retrieval and not models.main.has("vision_proj", "text_proj"):
+            retrieval = index.info.get("model")  # as `blip search`: the checkpoint the index was built with
+    if retrieval:
+        models.retrieval = one(retrieval, "retrieval")
+    if args.vqa:
+        models.vqa = one(args.vqa, "vqa")
+    models.names = {"caption": main_name, "match": retrieval or main_name, "vqa": args.vqa or main_name}
+    if index is not None:
+        index.check_model(models.matcher)  # refused now rather than on the first search
+        models.index = index
     return models
 
 
