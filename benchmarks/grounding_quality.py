@@ -57,7 +57,8 @@ def evaluate(model, corpus: str, limit: int | None = None, block: int | None = N
         objects = e["scene"]["objects"]
         for k, o in enumerate(objects):
             res = gradcam(model, image, f"a {o['color']} {o['shape']}", block=block)
-            shape_map = res["word_maps"][res["words"].index(o["shape"])] if o["shape"] in res["words"] else res["text_map"]
+            words = res["words"]
+            shape_map = res["word_maps"][words.index(o["shape"])] if o["shape"] in words else res["text_map"]
             x0, y0, x1, y1 = _box(o)
             chance += (min(x1, image.width - 1) - max(x0, 0) + 1) * (min(y1, image.height - 1) - max(y0, 0) + 1) / area
             for name, heat in (("text", res["text_map"]), ("shape", shape_map)):

@@ -1,12 +1,14 @@
 """Exact against approximate image search: recall@10 of HNSW and the time per query, by collection size.
 
-    python benchmarks/index_recall.py [--sizes 10000 50000 100000] [--dim 256] [--queries 200] [--clusters C] [--json]
+    python benchmarks/index_recall.py [--sizes 10000 50000 100000] [--dim 256] [--queries 200]
+                                      [--clusters C] [--threads 1] [--json]
 
 Random unit vectors stand in for ITC embeddings: uniform on the sphere (the hardest case for any
 approximate index: a nearest neighbour is barely nearer than any other point), or with --clusters
-drawn around C centres, closer to how real embeddings bunch up. Queries are answered one at a time, as `ImageIndex.search` answers them. Recall@10 is the
-share of the exact top 10 that the approximate index returns. blip.index.APPROX_MIN, the size from which
-an index is built as HNSW, is chosen from these figures (docs/grounding_and_search.md).
+drawn around C centres, closer to how real embeddings bunch up. Queries are answered one at a time,
+as `ImageIndex.search` answers them. Recall@10 is the share of the exact top 10 that the approximate
+index returns. blip.index.APPROX_MIN, the size from which an index is built as HNSW, is chosen from
+these figures (docs/grounding_and_search.md).
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ def run(sizes, dim=256, n_queries=200, k=10, ef_values=(64, 128, 256), seed=0, c
         t0 = time.perf_counter()
         hnsw.add(data)
         build_s = time.perf_counter() - t0
-        row = {"size": n, "dim": dim, "clusters": clusters, "flat_ms_per_query": round(flat_ms, 3), "hnsw_build_s": round(build_s, 1)}
+        row = {"size": n, "dim": dim, "clusters": clusters, "flat_ms_per_query": round(flat_ms, 3),
+               "hnsw_build_s": round(build_s, 1)}
         for ef in ef_values:
             hnsw.hnsw.efSearch = ef
             approx, ms = _per_query(hnsw, queries, k)

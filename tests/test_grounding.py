@@ -125,6 +125,7 @@ def test_cli_writes_pngs(image, tmp_path, capsys):
                "--per-word", "--json"])
     record = json.loads(capsys.readouterr().out)
     assert rc == 0 and 0 <= record["itm"] <= 1 and record["grid"] == [4, 4]
+    assert record["peak"] == record["files"][0]["peak"] and all(0 <= v < 4 for v in record["peak"])
     assert [f["word"] for f in record["files"]] == [None, "a", "red", "circle"]
     for f in record["files"]:
         assert Image.open(f["path"]).size == image.size

@@ -50,9 +50,10 @@ def gradcam(model, image, text: str, block: int | None = None, max_length: int =
     """Grad-CAM grounding of `text` in `image` (a path, PIL image, bytes or a (1, 3, H, W) tensor).
 
     block: the text encoder layer whose cross-attention is explained (default depth // 2, LAVIS's
-    block 6 of 12, but never the last layer, where the text tokens' attention has no gradient). Returns {"tokens", "words", "word_maps" (n_words, gh, gw), "text_map" (gh, gw),
-    "token_cams" (n_tokens, gh, gw, unnormalised), "itm" (P(match)), "grid" (gh, gw), "block"}; the
-    maps are CPU float tensors, each min-max normalised to [0, 1].
+    block 6 of 12, but never the last layer, where the text tokens' attention has no gradient).
+    Returns {"tokens", "words", "word_maps" (n_words, gh, gw), "text_map" (gh, gw), "token_cams"
+    (n_tokens, gh, gw, unnormalised), "itm" (P(match)), "grid" (gh, gw), "block"}; the maps are CPU
+    float tensors, word_maps and text_map each min-max normalised to [0, 1].
     """
     model._require("match", model.has("text_encoder", "itm_head"))
     if not isinstance(text, str):
@@ -150,9 +151,9 @@ def cmd_ground(args) -> int:
     for path, (_, heat) in maps.items():
         overlay(image, heat, args.alpha).save(path)
     gh, gw = res["grid"]
+    files = [{"path": p, "word": w, "peak": list(peak(h))} for p, (w, h) in maps.items()]
     record = {"image": args.image, "text": args.text, "itm": res["itm"], "grid": [gh, gw], "block": res["block"],
-              "words": res["words"],
-              "files": [{"path": p, "word": w, "peak": list(peak(h))} for p, (w, h) in maps.items()]}
+              "peak": files[0]["peak"], "words": res["words"], "files": files}
     if args.json:
         print(json.dumps(record))
     else:
@@ -175,7 +176,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--block", type=int, help="text encoder layer to explain (default: depth // 2)")
     p.add_argument("--alpha", type=float, default=0.5, help="heat map opacity")
     p.add_argument("--model", "-m", help="checkpoint (default: $BLIP_MODEL); a preset name gives random weights")
-    p.add_argument("--task", choices=["pretrain", "retrieval"], help="model to build when it differs from the checkpoint's")
+    p.add_argument("--task", choices=["pretrain", "retrieval"],
+                   help="model to build when it differs from the checkpoint's")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="precision (default fp32)")
     p.add_argument("--json", action="store_true", help="one JSON object: ITM probability, files, peaks")

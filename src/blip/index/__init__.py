@@ -29,7 +29,7 @@ import torch
 __all__ = ["build_index", "ImageIndex", "IndexModelError", "fingerprint", "APPROX_MIN"]
 
 VERSION = 1
-APPROX_MIN = 200_000  # rows from which an HNSW index replaces exact search (benchmarks/index_recall.py)
+APPROX_MIN = 100_000  # rows from which an HNSW index replaces exact search (benchmarks/index_recall.py)
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
 
 
@@ -301,6 +301,7 @@ def build_index(model, images, out_dir, batch_size: int = 32, progress: bool = T
             source = str(Path(source).resolve())  # `blip search` loads it from anywhere
         info = {"version": VERSION, "model": source, "fingerprint": fingerprint(model),
                 "dim": dim, "count": 0, "next_id": 0, "approx_min": approx_min, "kind": "flat"}
-        index = ImageIndex(root, info, [], np.zeros((0, dim), np.float32), _vector_index(np.zeros((0, dim), np.float32), approx_min))
+        empty = np.zeros((0, dim), np.float32)
+        index = ImageIndex(root, info, [], empty, _vector_index(empty, approx_min))
     index.update(model, images, batch_size=batch_size, progress=progress, workers=workers)
     return index
