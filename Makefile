@@ -15,6 +15,8 @@ demo: $(BIN)/blip
 	$(BIN)/python -m blip.demo $(DEMO_ARGS)
 
 test: $(BIN)/blip
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }  # tests/test_browser.py
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/blip

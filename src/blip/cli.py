@@ -364,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_ground_cli(sub)
     from blip.index.cli import add_cli as add_index_cli
     add_index_cli(sub)
+    from blip.serve.cli import add_cli as add_serve_cli
+    add_serve_cli(sub)
     try:
         from blip.train.cli import add_cli as add_train_cli
     except ImportError:  # the training package is optional at import time
