@@ -54,13 +54,29 @@ class Models:
 _HINTS = {"/caption": "--model", "/vqa": "--vqa", "/search": "--retrieval"}
 
 
+def _add_docs(app: FastAPI) -> None:
+    """The OpenAPI page at /docs with Swagger UI's files served from the swagger-ui-bundle package, so it works
+    offline (FastAPI's default page loads them from a CDN)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+    app.mount("/_swagger", StaticFiles(directory=swagger_ui_path), name="swagger")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="blip serve - API",
+                                   swagger_js_url="/_swagger/swagger-ui-bundle.js",
+                                   swagger_css_url="/_swagger/swagger-ui.css", swagger_favicon_url="/_swagger/favicon-32x32.png")
+
+
 def create_app(models: Models, limits: Limits | None = None, *, max_batch: int = 8, max_wait: float = 0.005,
                max_queue: int = 64, timeout: float = 60.0) -> FastAPI:
     limits = limits or Limits()
     batcher = Batcher(max_batch=max_batch, max_wait=max_wait, max_queue=max_queue, timeout=timeout)
     app = FastAPI(title="blip serve", version="1", description="BLIP captioning, VQA, matching, zero-shot "
                   "classification, embeddings, grounding and image search. Images are multipart uploads "
-                  "(field `image`); every error is JSON `{error, detail}`.")
+                  "(field `image`); every error is JSON `{error, detail}`.", docs_url=None)
+    _add_docs(app)
     app.state.models, app.state.limits, app.state.batcher = models, limits, batcher
     app.add_middleware(_Guard, body_bytes=limits.body_bytes)
     app.router.add_event_handler("shutdown", batcher.close)
