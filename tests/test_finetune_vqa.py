@@ -168,3 +168,20 @@ def test_caption_file_given_to_vqa_is_one_line_exit_2(tmp_path, capsys):
     rc = main(["evaluate", "--task", "vqa", "--model", "tiny", "--data", str(tmp_path / "caps.json"), "--quiet"])
     errors = [line for line in capsys.readouterr().err.splitlines() if "warning" not in line]  # tiny: random weights
     assert rc == 2 and len(errors) == 1 and "is not a VQA question" in errors[0]
+
+
+def test_shipped_configs_follow_the_official_vqa_yaml():
+    from pathlib import Path
+
+    from blip.train.config import TrainConfig
+    root = Path(__file__).resolve().parents[1] / "configs"
+    cfg = TrainConfig.load(root / "vqa.json")
+    assert (cfg.task, cfg.init, cfg.batch_size, cfg.init_lr, cfg.min_lr, cfg.weight_decay, cfg.epochs, cfg.schedule) == \
+        ("vqa", "model_base_capfilt_large", 16, 2e-5, 0.0, 0.05, 10, "cosine")
+    assert cfg.model_config().vision.image_size == 480 and cfg.model_config().vision.drop_path == 0.1
+    assert cfg.eval_options == {"inference": "rank", "k_test": 128, "batch_size": 32} and cfg.min_scale == 0.5
+    assert [Path(f).name for f in cfg.train_files] == ["vqa_train.json", "vqa_val.json", "vg_qa.json"]
+    for name in ("vqa_synthetic.json", "vqa_synthetic_scratch.json"):
+        small = TrainConfig.load(root / name)
+        assert small.task == "vqa" and small.model_config().vision.image_size == 64 and not small.hflip
+    assert TrainConfig.load(root / "vqa_synthetic_scratch.json").init is None
