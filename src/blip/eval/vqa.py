@@ -25,7 +25,8 @@ def resolve_root(image_root, path: Path, dataset: str):
     "vg": folder} as the official vqa_root / vg_root), else the annotation file's folder."""
     if isinstance(image_root, dict):
         if dataset not in image_root:
-            raise ValueError(f"{path}: image_root has no folder for dataset {dataset!r} (it names {sorted(image_root)})")
+            raise ValueError(f"{path}: image_root has no folder for dataset {dataset!r} "
+                             f"(it names {sorted(image_root)})")
         return Path(image_root[dataset])
     return Path(image_root) if image_root else path.parent
 
@@ -53,7 +54,8 @@ def load_questions(path, image_root=None) -> list[dict]:
         if answers is not None and (not isinstance(answers, list) or not answers
                                     or not all(isinstance(a, str) for a in answers)):
             raise ValueError(f"{path}: entry {k}: \"answer\" must be a non-empty list of strings")
-        image = e["image"] if os.path.isabs(e["image"]) else str(resolve_root(image_root, path, e.get("dataset", "vqa")) / e["image"])
+        root = resolve_root(image_root, path, e.get("dataset", "vqa"))
+        image = e["image"] if os.path.isabs(e["image"]) else str(root / e["image"])
         out.append({"question_id": e.get("question_id", k), "image": image, "question": e["question"],
                     "answers": answers, "question_type": e.get("question_type"), "answer_type": e.get("answer_type")})
     missing = next((e["image"] for e in out if not os.path.isfile(e["image"])), None)

@@ -56,7 +56,11 @@ def process_digit_article(text: str) -> str:
 
 def normalize_answer(text: str) -> str:
     """The official normalisation of one answer (whitespace, punctuation, digits, articles, contractions)."""
-    return process_digit_article(process_punctuation(_whitespace(text)))
+    return _normalize(_whitespace(text))
+
+
+def _normalize(text: str) -> str:
+    return process_digit_article(process_punctuation(text))
 
 
 def _whitespace(text: str) -> str:
@@ -69,7 +73,7 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
         raise ValueError("a question needs at least one human answer to score")
     gts, pred = [_whitespace(a) for a in answers], _whitespace(prediction)
     if len(set(gts)) > 1:
-        gts, pred = [process_digit_article(process_punctuation(a)) for a in gts], process_digit_article(process_punctuation(pred))
+        gts, pred = [_normalize(a) for a in gts], _normalize(pred)
     gts, pred = [a.lower() for a in gts], pred.lower()
     if len(gts) == 1:
         return float(gts[0] == pred)

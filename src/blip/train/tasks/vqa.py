@@ -109,10 +109,12 @@ class VqaDataset(Dataset):
                 dataset = e.get("dataset", "vqa")
                 if dataset not in ("vqa", "vg"):
                     raise ValueError(f"{f}: entry {k}: \"dataset\" must be \"vqa\" or \"vg\", not {dataset!r}")
-                path = e["image"] if os.path.isabs(e["image"]) else str(resolve_root(image_root, Path(f), dataset) / e["image"])
+                root = resolve_root(image_root, Path(f), dataset)
+                path = e["image"] if os.path.isabs(e["image"]) else str(root / e["image"])
                 answers, weights = answer_weights(e, vg_weight)
                 self.items.append((path, pre_question(e["question"]), answers, weights))
-            missing = next((p for p in dict.fromkeys(it[0] for it in self.items[first:]) if not os.path.isfile(p)), None)
+            paths = dict.fromkeys(it[0] for it in self.items[first:])
+            missing = next((p for p in paths if not os.path.isfile(p)), None)
             if missing:
                 raise OSError(f"{f}: image not found: {missing} (set image_root)")
         self.transform = transform if transform is not None else TrainTransform(image_size)
