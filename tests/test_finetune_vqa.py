@@ -43,6 +43,22 @@ def test_loss_is_weighted_per_answer_lm_loss_over_repeated_question_states():
     assert model.text_encoder.embeddings.word_embeddings.weight.grad is not None
 
 
+def test_a_few_steps_learn_an_answer_only_the_image_decides():
+    torch.manual_seed(0)
+    model = blip.create_model("tiny", task="vqa", **{"vision.image_size": 32})
+    objective = build_objective("vqa", model)
+    images = torch.zeros(4, 3, 32, 32)
+    images[[0, 2], 0], images[[1, 3], 2] = 2.0, 2.0  # red, blue, red, blue; one question for all
+    batch = {"image": images, "question": ["what color is it"] * 4, "answer": ["red", "blue", "red", "blue"],
+             "weight": torch.ones(4), "n": torch.ones(4, dtype=torch.long)}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(25):
+        objective(batch)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    assert model.eval().answer(images, ["what color is it"] * 4, ["red", "blue"]) == ["red", "blue", "red", "blue"]
+
+
 # ------------------------------------------------------------------------------ data
 def test_answer_weights_vqa_counts_over_annotators_and_vg_fixed():
     answers, weights = task.answer_weights({"answer": ["2", "two", "2", "2", "3"], "dataset": "vqa"})
