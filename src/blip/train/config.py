@@ -30,7 +30,7 @@ class TrainConfig:
     #                                        (CLIP's larger ViT and attention query/key init: train/init_weights)
     # data
     train_files: list[str] = field(default_factory=list)  # JSON lists of {"image", "caption"}
-    image_root: str | None = None
+    image_root: str | dict[str, str] | None = None  # or per dataset: {"vqa": folder, "vg": folder} (VQA)
     shards: list[str] = field(default_factory=list)  # tar shards (paths, globs, {a..b}): a stream
     shuffle_buffer: int = 1000             # stream shuffle buffer (shards only)
     val_file: str | None = None            # annotation file validated after every epoch (best -> out/model)
