@@ -1,7 +1,7 @@
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO_ARGS ?=   # e.g. make demo DEMO_ARGS="--seed 7"
+DEMO_ARGS ?=   # e.g. make demo DEMO_ARGS="--seed 7" or "--quick"
 
 .PHONY: demo test bench clean
 
@@ -12,7 +12,7 @@ $(BIN)/blip: pyproject.toml
 	@touch $(BIN)/blip
 
 demo: $(BIN)/blip
-	$(BIN)/python -m blip.demo $(DEMO_ARGS)
+	$(BIN)/blip reproduce --out runs/demo $(DEMO_ARGS)
 
 test: $(BIN)/blip
 	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { apt-get update -q && \

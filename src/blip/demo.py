@@ -1,4 +1,5 @@
-"""`make demo`: the main job on the embedded default, with nothing downloaded.
+"""`python -m blip.demo`: the embedded default's pretraining alone, scored against its targets (`make demo`
+runs the whole pipeline, `blip reproduce`, whose first stage is this pretraining).
 
 1. generate the synthetic web corpus (`blip data synth`), unless it is already there;
 2. pretrain on it with ITC + ITM + LM (`configs/pretrain_synthetic.json`, about 6 minutes on 2 cores);

@@ -200,11 +200,32 @@ class Pipeline:
         result_file.write_text(json.dumps(result, indent=2, default=str))
         return result
 
+    def probe(self, model: Path) -> dict | None:
+        """What the first pretraining learnt, against the corpus's scene ground truth (our corpus only):
+        ITM on one-attribute changes, zero-shot retrieval, greedy captions (blip.data.synth_quality)."""
+        if not (self.o.corpus / "metadata.json").exists():
+            return None
+        path = model.parent / "probe.json"
+        if path.exists():
+            return json.loads(path.read_text())
+
+        def run():
+            import blip
+            from ..data.synth_quality import probe
+            return probe(blip.load(model, device=self.o.device), self.o.corpus, limit=40 if self.o.quick else None)
+        result = self._stage("probe_pretrain", run)
+        path.write_text(json.dumps(result, indent=2, default=str))
+        return result
+
     # ------------------------------------------------------------------ the whole thing
     def run(self) -> dict:
         t0 = time.perf_counter()
         web, clean = self.web_file(), self.clean_file()
         base = self.pretrain("pretrain_none", [web, clean])
+        link = self.out / "model"  # the first pretrained model where the finetuning configs look (runs/demo/model)
+        if not link.exists() and not link.is_symlink():
+            link.symlink_to(base.relative_to(self.out), target_is_directory=True)
+        self.pretrained_probe = self.probe(base)
         needs_capfilt = any(r != "none" for r in self.o.rows)
         capfilt = None
         if needs_capfilt:

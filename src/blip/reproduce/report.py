@@ -177,6 +177,8 @@ def write_report(pipeline, rows: list[dict], capfilt: Path | None) -> dict:
     report: dict = {"corpus": str(opts.corpus), "seed": opts.seed, "quick": opts.quick,
                     "rows": [{"name": r["name"], "row": r["row"], "retrieval": r["retrieval"], "caption": r["caption"]}
                              for r in rows], "minutes": minutes}
+    if getattr(pipeline, "pretrained_probe", None):
+        report["pretrained"] = pipeline.pretrained_probe
     figures: dict[str, bytes] = {}
     logs = {r["name"]: read_log(out / f"pretrain_{r['row']}" / "log.jsonl") for r in rows
             if (out / f"pretrain_{r['row']}" / "log.jsonl").exists()}
@@ -237,6 +239,15 @@ def _facts(report: dict) -> list[str]:
         lines.append(f"Synthetic captions naming the right colour and shape of the main object: "
                      f"{_fmt(c['attribute_accuracy'])}% of one-object images, "
                      f"{_fmt(c['attribute_accuracy_two_larger'])}% of two-object ones ({c['scored_images']} scored).")
+    q = report.get("pretrained")
+    if q and "itm_attribute_accuracy" in q:
+        r = q.get("retrieval_itc", {})
+        lines.append(f"The first pretrained model (test split, scene ground truth): ITM prefers the true caption to one "
+                     f"with an attribute changed {_fmt(q['itm_attribute_accuracy'])}% of the time "
+                     f"(by attribute: {q.get('itm_by_attribute')}); zero-shot ITC TR@1/IR@1 {_fmt(r.get('tr@1'))}/"
+                     f"{_fmt(r.get('ir@1'))}; greedy captions name the right colour and shape in "
+                     f"{_fmt(q.get('caption_single'))}% of one-object and {_fmt(q.get('caption_two_larger'))}% of "
+                     f"two-object images.")
     lines.append("Minutes per stage: " + ", ".join(f"{k} {v}" for k, v in report["minutes"].items()) + ".")
     return lines
 
