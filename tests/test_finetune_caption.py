@@ -191,3 +191,16 @@ def test_bad_input_is_one_error_line_and_exit_2(data, tmp_path, capsys):
         errors, err = error_lines(capsys)
         assert len(errors) == 1 and needle in errors[0], err
         assert "Traceback" not in "\n".join(err)
+
+
+def test_shipped_configs_load_with_the_official_settings():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "configs"
+    coco = TrainConfig.load(root / "caption_coco.json")
+    assert (coco.task, coco.init, coco.batch_size, coco.init_lr, coco.min_lr, coco.epochs, coco.schedule,
+            coco.weight_decay, coco.image_size, coco.min_scale, coco.max_length) == \
+        ("caption", "model_base_capfilt_large", 32, 1e-5, 0.0, 5, "cosine", 0.05, 384, 0.5, 40)
+    assert {k: coco.eval_options[k] for k in ("num_beams", "max_length", "min_length")} == \
+        {"num_beams": 3, "max_length": 20, "min_length": 5}
+    synthetic = TrainConfig.load(root / "caption_synthetic.json")
+    assert synthetic.task == "caption" and synthetic.model_config().vision.image_size == 64

@@ -28,8 +28,8 @@ from pathlib import Path
 RULE = "highest CIDEr + BLEU-4 on the validation set, as the official train_caption.py"
 SCORERS = ("bleu", "meteor", "rouge", "cider", "spice")
 RESULTS = "captions.json"
-__all__ = ["RESULTS", "RULE", "SCORERS", "caption_metrics", "checked_annotation", "evaluate", "load_caption_annotation", "load_gt",
-           "score"]
+__all__ = ["RESULTS", "RULE", "SCORERS", "caption_metrics", "checked_annotation", "evaluate", "load_caption_annotation",
+           "load_gt", "ptb_tokenize", "score"]
 
 _PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
                 "...", ";"}  # the tokens COCOEvalCap's PTB tokenizer drops
@@ -193,16 +193,20 @@ def _spice(gts, res):
         return f"skipped: SPICE failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
 
 
+def check_images_exist(data, images: list[dict], image_root=None) -> None:
+    missing = next((im["image"] for im in images if not os.path.exists(im["image"])), None)
+    if missing:
+        where = f"image_root {image_root}" if image_root else "no image_root: relative to the file's folder"
+        raise FileNotFoundError(f"{data}: image {missing} does not exist ({where})")
+
+
 # ------------------------------------------------------------------------------ the protocol
 def checked_annotation(data, image_root=None, gt=None) -> tuple[list[dict], dict]:
     """(images as load_caption_annotation gives them, references {image_id: [refs]}) after checking that
     every image exists and, with `gt`, has references there. Finetuning calls it before training."""
     gt = _gt_for(gt, data)
     images = load_caption_annotation(data, image_root, need_captions=gt is None)
-    missing = next((im["image"] for im in images if not os.path.exists(im["image"])), None)
-    if missing:
-        where = f"image_root {image_root}" if image_root else "no image_root: relative to the file's folder"
-        raise FileNotFoundError(f"{data}: image {missing} does not exist ({where})")
+    check_images_exist(data, images, image_root)
     if gt is None:
         return images, {im["image_id"]: im["refs"] for im in images}
     refs = load_gt(gt)

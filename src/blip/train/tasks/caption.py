@@ -11,10 +11,6 @@ follows, so the trained model generates with the prompt it learnt).
 """
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -22,7 +18,7 @@ from ...tokenizer import DEC_ID
 from ..objectives import StepInfo, lm_loss, shifted_targets
 
 MODEL_TASK = "caption"
-CHECK_IMAGES = 16  # distinct image paths per file checked when the dataset is built
+CHECK_IMAGES = 16  # images per training file checked when the dataset is built
 __all__ = ["MODEL_TASK", "Objective", "check_caption_file", "collate", "train_dataset"]
 
 
@@ -55,37 +51,13 @@ class Objective(nn.Module):
 
 
 # ------------------------------------------------------------------------------ data
-def check_caption_file(path, image_root=None) -> list:
-    """The entries of a captioning train file, checked now rather than item by item later: a JSON list of
-    {"image", "caption": str or [str]} (karpathy train: one entry per caption, with "image_id"), whose
-    first CHECK_IMAGES distinct images exist. Images missing further on are skipped and counted while
-    training, like unreadable ones."""
-    path = Path(path)
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"training file not found: {path}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a JSON file: {e}") from None
-    expected = 'captioning trains on a JSON list of {"image": path, "caption": text or [texts]}'
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{path}: {expected}")
-    root = Path(image_root) if image_root else path.parent
-    seen: set = set()
-    for k, e in enumerate(entries):
-        if not isinstance(e, dict) or not isinstance(e.get("image"), str):
-            raise ValueError(f"{path}: entry {k} has no \"image\" path; {expected}")
-        caps = e.get("caption")
-        if not (isinstance(caps, str) or (isinstance(caps, list) and all(isinstance(c, str) for c in caps))):
-            hint = " (this looks like a VQA file)" if "question" in e else ""
-            raise ValueError(f"{path}: entry {k} has no \"caption\"{hint}; {expected}")
-        image = e["image"] if os.path.isabs(e["image"]) else str(root / e["image"])
-        if len(seen) < CHECK_IMAGES and image not in seen:
-            seen.add(image)
-            if not os.path.exists(image):
-                where = f"image_root {image_root}" if image_root else "no image_root: relative to the file's folder"
-                raise FileNotFoundError(f"{path}: entry {k}: image {image} does not exist ({where})")
-    return entries
+def check_caption_file(path, image_root=None) -> None:
+    """A captioning train file is checked now rather than item by item later: a JSON list of
+    {"image", "caption": str or [str]} (karpathy train: one entry per caption, with "image_id") whose
+    first CHECK_IMAGES images exist. Images missing further on are skipped and counted while training,
+    like unreadable ones."""
+    from ...eval.caption import check_images_exist, load_caption_annotation
+    check_images_exist(path, load_caption_annotation(path, image_root)[:CHECK_IMAGES], image_root)
 
 
 def train_dataset(cfg, image_size: int, rank: int = 0, world: int = 1):
@@ -93,6 +65,10 @@ def train_dataset(cfg, image_size: int, rank: int = 0, world: int = 1):
     transform (RandomResizedCrop from cfg.min_scale, 0.5 in the official configs, flip, RandAugment)."""
     from ...data import JsonCaptionDataset, ShardDataset
     from ...transform import TrainTransform
+    from ...eval.caption import checked_annotation
+    for f in (cfg.val_file, cfg.test_file):  # a bad one fails now, not after the first epoch
+        if f:
+            checked_annotation(f, cfg.image_root, cfg.eval_options.get("gt"))
     transform = TrainTransform(image_size, min_scale=cfg.min_scale, randaugment=cfg.randaugment, hflip=cfg.hflip)
     if cfg.shards:
         return ShardDataset(cfg.shards, transform=transform, max_words=cfg.max_words,
@@ -101,10 +77,6 @@ def train_dataset(cfg, image_size: int, rank: int = 0, world: int = 1):
         raise ValueError("no training data: set train_files (karpathy train format) or shards")
     for f in cfg.train_files:
         check_caption_file(f, cfg.image_root)
-    from ...eval.caption import checked_annotation
-    for f in (cfg.val_file, cfg.test_file):  # a bad one fails now, not after the first epoch
-        if f:
-            checked_annotation(f, cfg.image_root, cfg.eval_options.get("gt"))
     return JsonCaptionDataset(cfg.train_files, image_root=cfg.image_root, transform=transform,
                               max_words=cfg.max_words, seed=cfg.seed)
 
