@@ -249,6 +249,8 @@ def cmd_evaluate(args) -> int:
         options["answers"] = args.answers
     if args.gt:
         options["gt"] = args.gt
+    if args.scorers:
+        options["scorers"] = args.scorers.split(",")
     if task == "vqa" and args.inference:
         options["inference"] = args.inference
     metrics = evaluation.evaluate(task, model, data, args.image_root, **options)
@@ -344,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answers", help="vqa: answer list to rank (answer_list.json); without it, answers are generated")
     p.add_argument("--inference", choices=["rank", "generate"], help="vqa: rank over --answers (official) or generate")
     p.add_argument("--gt", help="caption: COCO-format reference file (default: the references in the data file)")
+    p.add_argument("--scorers", help="caption: comma-separated subset of bleu,meteor,rouge,cider,spice (default: all; "
+                                     "SPICE only when its CoreNLP models are installed)")
     p.add_argument("--out", help="folder for the results file (captions / VQA submission JSON)")
     common(p, task_choices=False)
     p.set_defaults(func=cmd_evaluate)

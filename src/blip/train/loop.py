@@ -462,6 +462,7 @@ class Trainer:
             self.epoch, self.step = self.epoch + 1, 0
             if self.cfg.val_file:
                 self.validate(self.epoch - 1)
+                log.start = time.perf_counter()  # the next window's pairs_per_s leaves validation out
             self.save()
         if not finished:
             self.save()
