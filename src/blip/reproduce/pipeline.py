@@ -194,6 +194,7 @@ class Pipeline:
             m = blip.load(cap_model, device=self.o.device)
             caption = evaluation.evaluate("caption", m, corpus / "test.json", out_dir=folder,
                                           **({"gt": gt} if gt.exists() else {}))
+            caption = {k.lower(): v for k, v in caption.items()}  # report.json: "cider", "bleu_4", ...
             return {"name": ROWS[row], "row": row, "retrieval": retrieval, "caption": caption}
         result = self._stage(f"eval_{row}", run)
         folder.mkdir(parents=True, exist_ok=True)

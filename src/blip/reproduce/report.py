@@ -216,7 +216,7 @@ def write_report(pipeline, rows: list[dict], capfilt: Path | None) -> dict:
 def _table(report: dict) -> list[list[str]]:
     head = ["row", "TR@1", "IR@1", "TR@5", "IR@5", "CIDEr", "BLEU-4"]
     body = [[r["name"], *(_fmt(r["retrieval"].get(k)) for k in ("tr@1", "ir@1", "tr@5", "ir@5")),
-             _fmt(r["caption"].get("cider"), 3), _fmt(r["caption"].get("bleu_4", r["caption"].get("bleu4")), 3)]
+             _fmt(r["caption"].get("cider"), 3), _fmt(r["caption"].get("bleu_4"), 3)]
             for r in report["rows"]]
     return [head, *body]
 
