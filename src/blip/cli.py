@@ -348,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from blip.data.synth import add_cli as add_data_cli
     add_data_cli(sub)
+    from blip.capfilt.cli import add_cli as add_capfilt_cli
+    add_capfilt_cli(sub)
     try:
         from blip.train.cli import add_cli as add_train_cli
     except ImportError:  # the training package is optional at import time
