@@ -48,7 +48,8 @@ def setup(tmp_path_factory):
     save_blip(cap, root / "cap")
     save_blip(ret, root / "ret")
     (root / "runs").mkdir()  # every run's folder sits here: the same relative path to the images
-    return {"root": root, "runs": root / "runs", "json": str(root / "corpus" / "web.json"), "shards": str(root / "corpus" / "shards"),
+    return {"root": root, "runs": root / "runs", "json": str(root / "corpus" / "web.json"),
+            "shards": str(root / "corpus" / "shards"),
             "cap": str(root / "cap"), "ret": str(root / "ret"), "cap_model": cap.eval(), "ret_model": ret.eval()}
 
 
@@ -94,7 +95,8 @@ def test_outputs_do_not_depend_on_the_batch_size(setup):
         assert a[col] == b[col], col
     assert torch.allclose(torch.tensor(a["itm"]), torch.tensor(b["itm"]), atol=1e-6)
     assert torch.allclose(torch.tensor(a["itc"]), torch.tensor(b["itc"]), atol=1e-6)
-    assert (tmp_path / "bs1" / "bootstrapped.json").read_bytes() == (tmp_path / "bs3" / "bootstrapped.json").read_bytes()
+    assert (tmp_path / "bs1" / "bootstrapped.json").read_bytes() == \
+        (tmp_path / "bs3" / "bootstrapped.json").read_bytes()
     syn = [t for t, s in zip(a["text"], a["source"]) if s == "synthetic"]
     assert syn[0] != syn[1]  # an image's two captions come from two generators
     # the noise labels of the shards' json reach the audit and the summary

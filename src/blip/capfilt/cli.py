@@ -57,9 +57,11 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                     "OUT/bootstrapped.json, OUT/shards/, OUT/audit.parquet, OUT/summary.json. Killed, the same "
                     "command continues where it stopped; under torchrun the ranks share the parts.")
     p.add_argument("--captioner", required=True, help="checkpoint with a captioning decoder (caption or pretrain)")
-    p.add_argument("--filter", required=True, help="checkpoint with ITM head and ITC projections (retrieval or pretrain)")
+    p.add_argument("--filter", required=True,
+                   help="checkpoint with ITM head and ITC projections (retrieval or pretrain)")
     p.add_argument("--data", required=True, nargs="+",
-                   help="JSON list [{image, caption, noise?}], or webdataset shards (folder, glob, {a..b} range, files)")
+                   help="JSON list [{image, caption, noise?}], or webdataset shards (folder, glob, {a..b} "
+                        "range, files)")
     p.add_argument("--out", "-o", required=True, help="output folder (a rerun continues the run there)")
     p.add_argument("--image-root", help="folder JSON image paths are relative to (default: the JSON's folder)")
     p.add_argument("--num-captions", type=_positive(int), default=1, help="synthetic captions per image (1)")

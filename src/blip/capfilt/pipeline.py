@@ -235,7 +235,7 @@ def process_part(part: Part, source: Source, models, opts: Options, run: "RunFol
     stats = {"part": part.index, "source": part.source, "items": 0, "images": 0, "unreadable": 0,
              "web_missing": 0}
     pause = float(os.environ.get("BLIP_CAPFILT_PAUSE", "0") or 0)  # test hook: a slow run to kill mid-part
-    tar_tmp = run.shard_path(part).with_name(f".{run.shard_path(part).name}.tmp")
+    tar_tmp = _tmp(run.shard_path(part))
     tar = _TarOut(tar_tmp)
     batch = []
 
@@ -265,7 +265,7 @@ def process_part(part: Part, source: Source, models, opts: Options, run: "RunFol
     os.replace(tar_tmp, run.shard_path(part))
     stats["seconds"] = time.perf_counter() - t0
     table = pa.table(rows, schema=_schema()).replace_schema_metadata({"blip.capfilt.part": json.dumps(stats)})
-    tmp = run.part_path(part).with_name(f".{run.part_path(part).name}.tmp")
+    tmp = _tmp(run.part_path(part))
     pq.write_table(table, tmp)
     os.replace(tmp, run.part_path(part))
     return stats
@@ -274,8 +274,13 @@ def process_part(part: Part, source: Source, models, opts: Options, run: "RunFol
 # -----------------------------------------------------------------------------
 # 4. the run folder
 
+def _tmp(path: Path) -> Path:
+    """A temporary name beside `path`, private to this process (ranks write the same manifest at once)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _tmp(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -320,7 +325,8 @@ class RunFolder:
                       if old.get("args", {}).get(k) != manifest["args"].get(k)]
             if old.get("parts") != manifest["parts"]:
                 differ.append("the input's parts")
-            raise ValueError(f"{self.dir} holds a run with other arguments (differs in: {', '.join(differ) or 'version'}); "
+            raise ValueError(f"{self.dir} holds a run with other arguments (differs in: "
+                             f"{', '.join(differ) or 'version'}); "
                              "rerun the same command to continue, pick another --out, or pass --force to start over")
 
     def part_path(self, part: Part) -> Path:
@@ -336,9 +342,9 @@ class RunFolder:
         """The final outputs from the parts, in part order (deterministic: same parts, same bytes)."""
         import pyarrow.parquet as pq
         counts = _Counts()
-        writer_tmp = self.dir / ".audit.parquet.tmp"
+        writer_tmp = _tmp(self.dir / "audit.parquet")
         writer = pq.ParquetWriter(writer_tmp, _schema())
-        json_tmp = self.dir / ".bootstrapped.json.tmp"
+        json_tmp = _tmp(self.dir / "bootstrapped.json")
         with open(json_tmp, "w", encoding="utf-8") as out:
             out.write("[")
             first = True
@@ -362,7 +368,7 @@ class RunFolder:
         os.replace(json_tmp, self.dir / "bootstrapped.json")
         summary = counts.summary(self.manifest)
         _atomic_write(self.dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
-        for stale in (*self.parts_dir.glob(".*.tmp"), *self.shards_dir.glob(".*.tmp")):
+        for stale in (*self.dir.glob(".*.tmp"), *self.parts_dir.glob(".*.tmp"), *self.shards_dir.glob(".*.tmp")):
             stale.unlink(missing_ok=True)  # left by a run killed mid-write
         return summary
 

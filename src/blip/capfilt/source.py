@@ -9,6 +9,7 @@ once, then resized for each model's image size.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -57,7 +58,8 @@ class Source:
         self.out_dir = Path(out_dir).resolve() if out_dir is not None else None
         self.items: list | None = None
         if isinstance(data, (list, tuple)) and data and all(isinstance(d, dict) for d in data):
-            self.description = f"<list of {len(data)} items>"
+            digest = hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
+            self.description = f"<list of {len(data)} items, sha1 {digest}>"  # a changed list is another run
             self._set_items(list(data), Path(image_root) if image_root else Path.cwd(), "items")
         elif isinstance(data, (str, os.PathLike)) and str(data).endswith(".json"):
             path = Path(data)
@@ -72,6 +74,8 @@ class Source:
             self.description = os.fspath(path)
             self._set_items(items, Path(image_root) if image_root else path.parent, path.name)
         else:
+            if not isinstance(data, (str, os.PathLike)) and any(str(d).endswith(".json") for d in data):
+                raise ValueError("give one JSON list (concatenate several first), or webdataset shards")
             shards = expand_shards(data)
             missing = [s for s in shards if not os.path.isfile(s)]
             if not shards or missing:
