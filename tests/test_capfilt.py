@@ -208,3 +208,18 @@ def test_two_ranks_under_torchrun_equal_one_process(setup, reference):
     parts = [json.loads(pq.ParquetFile(p).schema_arrow.metadata[b"blip.capfilt.part"])
              for p in sorted((out / "parts").glob("*.parquet"))]
     assert [p["part"] for p in parts] == [0, 1, 2]
+
+
+def test_beam_search_and_an_unreadable_image(setup):
+    web = json.loads(Path(setup["json"]).read_text())[:4]
+    (setup["root"] / "corpus" / "broken.jpg").write_bytes(b"not a jpeg")
+    web[1]["image"] = "broken.jpg"
+    out = setup["runs"] / "beam"
+    summary = bootstrap(setup["cap_model"], setup["ret_model"], web, out, image_root=setup["root"] / "corpus",
+                        num_beams=3, batch_size=3, workers=0)
+    assert summary["items"] == 4 and summary["images"] == summary["texts"]["synthetic"]["total"] == 3
+    assert summary["unreadable_images"] == 1 and "000000001" not in audit(out)["key"]
+    beams = setup["cap_model"].caption([str(setup["root"] / "corpus" / web[0]["image"])], num_beams=3)
+    assert audit(out)["text"][1] == beams[0]  # beam search is the plain captioner's
+    with pytest.raises(ValueError, match="one caption per image"):
+        bootstrap(setup["cap_model"], setup["ret_model"], web, out, num_beams=3, num_captions=2)

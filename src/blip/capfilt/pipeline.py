@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..factory import default_device, load
+from .. import factory
 from ..generation import GenerationConfig
 from ..model import _NEEDS, Blip, MissingPartError
 from ..tokenizer import ENC_ID, pre_caption
@@ -94,7 +94,7 @@ _ROLES = {  # role -> (the _NEEDS entry naming the checkpoint kind, whether a mo
 def load_role(spec, role: str, device, dtype) -> Blip:
     """The model for a role, or a MissingPartError naming the checkpoint kind the role needs."""
     need, fits = _ROLES[role]
-    model = spec if isinstance(spec, Blip) else load(spec, device=device, dtype=dtype)
+    model = spec if isinstance(spec, Blip) else factory.load(spec, device=device, dtype=dtype)
     if not fits(model):
         what, kind = _NEEDS[need]
         name = "" if isinstance(spec, Blip) else f" {spec}"
@@ -453,9 +453,9 @@ def _rank_world(opts: Options) -> tuple[int, int]:
 
 
 def _device(opts: Options) -> torch.device:
-    dev = default_device(opts.device)
+    dev = factory.default_device(opts.device)
     if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:  # torchrun: one GPU a rank
-        dev = default_device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+        dev = factory.default_device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
     return dev
 
 
@@ -475,6 +475,8 @@ def bootstrap(captioner, filter, items_or_source, out_dir, **options) -> dict:
         raise ValueError(f"unknown capfilt option(s): {', '.join(sorted(unknown))}")
     opts = Options(**options)
     opts.check()
+    if opts.image_root is not None:
+        opts.image_root = os.fspath(opts.image_root)
     rank, world = _rank_world(opts)
     source = Source(items_or_source, opts.image_root, opts.part_size, out_dir)
     device = _device(opts)
@@ -482,8 +484,10 @@ def bootstrap(captioner, filter, items_or_source, out_dir, **options) -> dict:
     models = (load_role(captioner, "captioner", device, dtype), load_role(filter, "filter", device, dtype))
     args = {k: v for k, v in asdict(opts).items()
             if k not in ("device", "workers", "progress", "force", "rank", "world_size")}
-    args.update(captioner=_identity(captioner), filter=_identity(filter), dtype=dtype, device=device.type,
-                data=source.description)
+    # what the models run in (a Blip passed in is used where it is, as it is)
+    precision = ["/".join(str(d).removeprefix("torch.") for d in (m.dtype, m.text_dtype)) for m in models]
+    args.update(captioner=_identity(captioner), filter=_identity(filter), dtype=precision,
+                device=models[0].device.type, data=source.description)
     manifest = {"version": VERSION, "args": args, "parts": [p.source for p in source.parts]}
     run = RunFolder(out_dir, manifest, rank, opts.force)
 
