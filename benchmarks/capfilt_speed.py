@@ -50,6 +50,20 @@ def hf_base_retrieval(image_size: int, seed: int = 1):
     return model, folder
 
 
+def _bert_tokenizer():
+    """transformers' BERT tokenizer over the bert-base-uncased vocabulary we ship (BlipProcessor's, offline).
+    transformers 5 takes the file as `vocab=` (its `vocab_file=` builds an empty vocabulary), 4.x as `vocab_file=`."""
+    from transformers import BertTokenizerFast
+    for kw in ("vocab", "vocab_file"):
+        try:
+            tok = BertTokenizerFast(**{kw: vocab_path()})
+        except TypeError:
+            continue
+        if tok("a dog")["input_ids"] == [101, 1037, 3899, 102]:
+            return tok
+    raise RuntimeError("could not build transformers' BERT tokenizer from the shipped vocabulary")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=8)
@@ -66,7 +80,7 @@ def main() -> None:
         f"_{dev.type}" if dev.type != "cpu" else "")
     hf_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
-    from transformers import BertTokenizerFast, BlipImageProcessor
+    from transformers import BlipImageProcessor
     hf_cap, cap_folder = hf_base_caption(args.image_size, device=dev)
     hf_ret, ret_folder = hf_base_retrieval(args.image_size)
     hf_cap, hf_ret = hf_cap.to(dev, hf_dtype), hf_ret.to(dev, hf_dtype)
@@ -83,7 +97,7 @@ def main() -> None:
         it["image"] = str(corpus / it["image"])
 
     processor = BlipImageProcessor(size={"height": args.image_size, "width": args.image_size})
-    tokenizer = BertTokenizerFast(vocab_file=vocab_path())
+    tokenizer = _bert_tokenizer()
     prompt = cap.prompt_ids("a picture of ", 1).cpu()
     hf_prompt = torch.cat([prompt, torch.tensor([[102]])], dim=1)  # what BlipProcessor gives generate
 
