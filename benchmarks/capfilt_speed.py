@@ -12,9 +12,10 @@ the largest ITC difference on the web texts (transformers' ITM puts [CLS] first,
 not compared). Writes benchmarks/results/capfilt_speed[_bf16][_cuda].json.
 
     python benchmarks/capfilt_speed.py [--images 8] [--batch-size 8] [--image-size 384] [--repeats 3]
-                                       [--dtype fp32|bf16] [--device cpu|cuda]
+                                       [--dtype fp32|bf16|bf16-full] [--device cpu|cuda]
 
---dtype bf16: ours with dtype="bf16" (image encoders bf16, text fp32), transformers in torch.bfloat16.
+--dtype bf16: ours with dtype="bf16" (image encoders bf16, text fp32), transformers in torch.bfloat16;
+--dtype bf16-full: both sides with every weight in bf16.
 """
 from __future__ import annotations
 
@@ -70,15 +71,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=384)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "bf16-full"], default="fp32")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--name", help="results file name (default capfilt_speed[_bf16][_cuda])")
     args = ap.parse_args()
     started = time.perf_counter()
     dev = torch.device(args.device)
-    name = args.name or "capfilt_speed" + ("_bf16" if args.dtype == "bf16" else "") + (
+    name = args.name or "capfilt_speed" + ("" if args.dtype == "fp32" else "_" + args.dtype.replace("-", "_")) + (
         f"_{dev.type}" if dev.type != "cpu" else "")
-    hf_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    hf_dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
 
     from transformers import BlipImageProcessor
     hf_cap, cap_folder = hf_base_caption(args.image_size, device=dev)
