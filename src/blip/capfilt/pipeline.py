@@ -96,10 +96,9 @@ def load_role(spec, role: str, device, dtype) -> Blip:
     need, fits = _ROLES[role]
     model = spec if isinstance(spec, Blip) else factory.load(spec, device=device, dtype=dtype)
     if not fits(model):
-        what, kind = _NEEDS[need]
-        name = "" if isinstance(spec, Blip) else f" {spec}"
-        raise MissingPartError(f"the {role} needs {kind} ({what}); the {role}{name} is a "
-                               f"'{model.config.task}' checkpoint")
+        kind = _NEEDS[need][1]
+        name = "the model given" if isinstance(spec, Blip) else os.fspath(spec)
+        raise MissingPartError(f"the {role} needs {kind}; {name} is a '{model.config.task}' checkpoint")
     return model
 
 
