@@ -363,6 +363,27 @@ def test_sampling_generator_and_global_rng():
     assert torch.equal(d, e)
 
 
+def test_per_row_generators_make_each_row_independent_of_its_batch():
+    """A list of generators, one per row: row i's sample is the one it gets alone with generator i (and, on the
+    CPU, the one a single generator i gives a batch of one), whatever its batch-mates and their order."""
+    cfg = GenerationConfig(do_sample=True, top_p=0.9, repetition_penalty=1.1, eos_token_id=EOS, pad_token_id=PAD)
+    model, prompts = make_model(2), make_prompts(2)
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    batched = run(model, prompts, cfg, generator=gens(range(10, 10 + B)))
+    assert finished_early(batched, cfg) > 0  # pruning happened while other rows went on
+    reversed_rows = run(model, prompts.flip(0), cfg, generator=gens(reversed(range(10, 10 + B))))
+    for i in range(B):
+        alone = run(model, prompts[i:i + 1], cfg, generator=gens([10 + i]))
+        single = run(model, prompts[i:i + 1], cfg, generator=torch.Generator().manual_seed(10 + i))
+        assert torch.equal(alone, single)
+        n = alone.shape[1]
+        assert torch.equal(batched[i, :n], alone[0]) and bool((batched[i, n:] == PAD).all())
+        m = reversed_rows.shape[1]
+        assert torch.equal(reversed_rows[B - 1 - i, :min(n, m)], alone[0, :min(n, m)])
+    with pytest.raises(ValueError, match="one torch.Generator per row"):
+        run(model, prompts, cfg, generator=gens(range(B - 1)))
+
+
 @pytest.mark.parametrize("batch,live", [(8, 8), (8, 3), (1, 1)])
 def test_multinomial_draws_what_torch_multinomial_draws(batch, live):
     from blip.generation import _exponentials_match, _multinomial

@@ -370,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_index_cli(sub)
     from blip.serve.cli import add_cli as add_serve_cli
     add_serve_cli(sub)
+    from blip.capfilt.cli import add_cli as add_capfilt_cli
+    add_capfilt_cli(sub)
     try:
         from blip.train.cli import add_cli as add_train_cli
     except ImportError:  # the training package is optional at import time

@@ -188,7 +188,7 @@ def generate(
     state: DecoderState,
     input_ids: torch.LongTensor,
     config: GenerationConfig,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     *,
     prune: bool = True,
 ) -> torch.LongTensor:
@@ -196,8 +196,9 @@ def generate(
 
     Returns (B, L) sequences including the prompt, padded with ``pad_token_id`` after EOS, ``L <= max_length``.
     ``state`` must be fresh (empty cache) and bound to the B input items; it is consumed. ``generator`` (sampling
-    only) defaults to the global torch RNG. ``prune=False`` keeps finished rows in the decoder (same output, more
-    compute; for testing).
+    only) defaults to the global torch RNG; a list of B generators draws row i's tokens from generator i alone, so a
+    row's sample does not depend on its batch-mates (CapFilt seeds one per image). ``prune=False`` keeps finished
+    rows in the decoder (same output, more compute; for testing).
     """
     if not isinstance(config, GenerationConfig):
         raise ValueError(f"config must be a GenerationConfig, got {type(config).__name__}")
@@ -207,8 +208,12 @@ def generate(
         raise ValueError(f"input_ids must have dtype torch.long, got {input_ids.dtype}")
     if input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
         raise ValueError(f"input_ids must hold at least one row and one token, got shape {tuple(input_ids.shape)}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != input_ids.shape[0] or not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError(f"a generator list needs one torch.Generator per row ({input_ids.shape[0]}), "
+                             f"got {len(generator)} entries")
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator, a list of them, or None, got {type(generator).__name__}")
     config.validate(prompt_length=input_ids.shape[1])
     if bool((input_ids < 0).any()):
         raise ValueError("input_ids must be non-negative token ids")
@@ -229,15 +234,17 @@ def _greedy_or_sample(
     state: DecoderState,
     input_ids: torch.Tensor,
     cfg: GenerationConfig,
-    generator: torch.Generator | None,
+    generator: torch.Generator | list[torch.Generator] | None,
     prune: bool,
 ) -> torch.Tensor:
     B, P = input_ids.shape
     logits = _step(state, input_ids, B)
     _check_vocab(cfg, logits.shape[-1])
     device = logits.device
-    if cfg.do_sample and generator is not None and generator.device.type != device.type:
-        raise ValueError(f"generator is on {generator.device.type} but the model runs on {device.type}: "
+    gens = generator if isinstance(generator, (list, tuple)) else [generator]
+    wrong = next((g.device.type for g in gens if g is not None and g.device.type != device.type), None)
+    if cfg.do_sample and wrong is not None:
+        raise ValueError(f"generator is on {wrong} but the model runs on {device.type}: "
                          f"pass torch.Generator(device={device.type!r})")
     seqs = torch.full((B, cfg.max_length), cfg.pad_token_id, dtype=torch.long, device=device)
     seqs[:, :P] = input_ids.to(device)
@@ -265,7 +272,8 @@ def _greedy_or_sample(
     return seqs[:, :cur_len]
 
 
-def _multinomial(probs: torch.Tensor, rows: torch.Tensor, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+def _multinomial(probs: torch.Tensor, rows: torch.Tensor, batch: int,
+                 generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
     """One token per row of ``probs`` (R, V), exactly as ``torch.multinomial(full, 1)`` draws it for the (batch, V)
     tensor ``full`` whose rows ``rows`` are ``probs`` (the other rows have finished): pruning must consume the random
     stream as the unpruned batch does.
@@ -274,7 +282,11 @@ def _multinomial(probs: torch.Tensor, rows: torch.Tensor, batch: int, generator:
     (6 ms a step for 8 x 30524, most of sampling's extra cost). The same q are -log1p(-u) of a float64 ``uniform_``
     (the same draws from the generator) and come 3x faster vectorised; `_exponentials_match` checks that against
     ``exponential_`` itself on this torch build, once per size, and anything it does not vouch for (another build,
-    CUDA, another dtype) keeps torch.multinomial."""
+    CUDA, another dtype) keeps torch.multinomial.
+
+    With a list of generators (one per input row), see `_multinomial_per_row`."""
+    if isinstance(generator, (list, tuple)):
+        return _multinomial_per_row(probs, [generator[i] for i in rows.tolist()])
     shape = (batch, probs.shape[-1])
     if probs.device.type == "cpu" and _exponentials_match(shape[0] * shape[1], probs.dtype):
         if not bool((probs.max() < math.inf) & (probs.min() >= 0)):  # torch.multinomial's own checks
@@ -290,6 +302,20 @@ def _multinomial(probs: torch.Tensor, rows: torch.Tensor, batch: int, generator:
     full[:, 0] = 1.0
     full[rows] = probs
     return torch.multinomial(full, num_samples=1, generator=generator).squeeze(1)[rows]
+
+
+def _multinomial_per_row(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """Row j's token drawn from generators[j] alone: argmax(p / q) with q = -log1p(-u) ~ Exp(1), u a float64
+    ``uniform_`` of the vocabulary size from that generator (an exact draw from p). On the CPU in float32 this is
+    what ``torch.multinomial(probs[j:j+1], 1, generator=generators[j])`` draws (see `_multinomial`), so a row gets
+    the token it would get in a batch of one; on CUDA it costs one ``uniform_`` launch a row, not a multinomial."""
+    v = probs.shape[-1]
+    if not bool((probs.max() < math.inf) & (probs.min() >= 0)):
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+    if bool((probs.sum(-1) == 0).any()):
+        raise RuntimeError("invalid multinomial distribution (sum of probabilities <= 0)")
+    u = torch.stack([torch.empty(v, dtype=torch.float64, device=probs.device).uniform_(generator=g) for g in generators])
+    return (probs / torch.log1p(u.neg_()).neg_().to(probs.dtype)).argmax(-1)
 
 
 _EXPONENTIALS_MATCH: dict[tuple[int, torch.dtype], bool] = {}

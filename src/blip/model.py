@@ -188,20 +188,30 @@ class Blip(nn.Module):
     def generate_ids(self, images, *, prompt: str | None = None, num_beams: int = 3, max_length: int = 20,
                      min_length: int = 5, sample: bool = False, top_p: float = 0.9, top_k: int = 50,
                      repetition_penalty: float | None = None, length_normalization: str = "full",
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
-        """Token ids (B, L) including the prompt, and the prompt length. max/min length count the
-        prompt, as in the official code (transformers 4.15)."""
+                     generator: torch.Generator | list[torch.Generator] | None = None,
+                     num_return_sequences: int = 1) -> tuple[torch.Tensor, int]:
+        """Token ids (B * num_return_sequences, L) including the prompt, and the prompt length. max/min
+        length count the prompt, as in the official code (transformers 4.15). num_return_sequences > 1
+        (sampling only) draws that many captions per image, image i owning rows [i*n, (i+1)*n), all
+        sharing one copy of its cross-attention inputs; generator may be a list with one per row."""
         self._require("caption", self.has("text_decoder") and self.config.task != "vqa")
+        n = num_return_sequences
+        if not isinstance(n, int) or n < 1 or (n > 1 and not sample):
+            raise ValueError(f"num_return_sequences must be 1, or > 1 with sample=True; got {n!r}")
         image_states = self.encode_image(images)
+        b = image_states.shape[0]
         prompt = self.config.prompt if prompt is None else prompt
-        input_ids = self.prompt_ids(prompt, image_states.shape[0])
+        input_ids = self.prompt_ids(prompt, b * n)
         if repetition_penalty is None:
             repetition_penalty = 1.1 if sample else 1.0  # the official sampling path hard-codes 1.1
         cfg = GenerationConfig(num_beams=1 if sample else num_beams, max_length=max_length, min_length=min_length,
                                do_sample=sample, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                                length_normalization=length_normalization, eos_token_id=SEP_ID, pad_token_id=0)
-        absorb = self.text_decoder.absorb_pays(cfg.num_beams, max_length - input_ids.shape[1])
-        ids = generate(self.text_decoder.start(image_states, absorb=absorb), input_ids, cfg, generator=generator)
+        absorb = self.text_decoder.absorb_pays(cfg.num_beams * n, max_length - input_ids.shape[1])
+        state = self.text_decoder.start(image_states, absorb=absorb)
+        if n > 1:
+            state.reorder(torch.arange(b, device=self.device).repeat_interleave(n), groups=b)
+        ids = generate(state, input_ids, cfg, generator=generator)
         return ids, input_ids.shape[1]
 
     def caption(self, images, *, batch_size: int = 16, return_ids: bool = False, progress: bool = False,
