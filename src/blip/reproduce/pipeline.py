@@ -117,10 +117,10 @@ class Pipeline:
         items = []
         for i, w in enumerate(web[: self.o.web_limit]):
             item = {"image": str((corpus / w["image"]).resolve()), "caption": w["caption"], "key": f"{i:09d}"}
-            if "noise" in w:
-                item["noise"] = w["noise"] or "clean"
+            if "noise" in w:  # null / false / "": a clean pair; a string names the noise kind
+                item["noise"] = w["noise"] or None
             elif noise is not None:
-                item["noise"] = noise[i] or "clean"
+                item["noise"] = noise[i] or None
             items.append(item)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(items))
@@ -171,7 +171,8 @@ class Pipeline:
         keep = {"filter": lambda r: r["source"] == "web" and r["kept"],
                 "captioner": lambda r: True,
                 "capfilt": lambda r: r["kept"]}[row]
-        items = [{"image": r["image"], "caption": r["text"]} for r in audit if keep(r)]
+        # the audit names images relative to the capfilt folder (as its bootstrapped.json does)
+        items = [{"image": str((capfilt / r["image"]).resolve()), "caption": r["text"]} for r in audit if keep(r)]
         path.write_text(json.dumps(items))
         return path
 
