@@ -45,6 +45,7 @@ class Options:
     web_limit: int | None = None           # first N web pairs only (quick runs)
     device: str | None = None
     progress: bool = True
+    caption_scorers: tuple[str, ...] | None = None  # None: all of blip.eval.caption's (METEOR's Java start is slow)
 
 
 def _log(msg: str) -> None:
@@ -194,7 +195,8 @@ class Pipeline:
             gt = corpus / "test_gt.json"
             m = blip.load(cap_model, device=self.o.device)
             caption = evaluation.evaluate("caption", m, corpus / "test.json", out_dir=folder,
-                                          **({"gt": gt} if gt.exists() else {}))
+                                          **({"gt": gt} if gt.exists() else {}),
+                                          **({"scorers": self.o.caption_scorers} if self.o.caption_scorers else {}))
             caption = {k.lower(): v for k, v in caption.items()}  # report.json: "cider", "bleu_4", ...
             return {"name": ROWS[row], "row": row, "retrieval": retrieval, "caption": caption}
         result = self._stage(f"eval_{row}", run)
