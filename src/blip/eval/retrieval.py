@@ -188,8 +188,9 @@ def retrieval_scores(model, images, texts, *, k_test: int = 256, batch_size: int
     lo, hi = _split(n_txt, rank, world)
     feats = []
     for s in tqdm(range(lo, hi, 256), disable=not progress, desc="texts", leave=False):
-        t = int(text_lens[s:s + 256].max())
-        cls = model.text_encoder(text_ids[s:s + 256, :t].to(device), text_mask[s:s + 256, :t].to(device), mode="text")[:, 0]
+        e = min(s + 256, hi)
+        t = int(text_lens[s:e].max())
+        cls = model.text_encoder(text_ids[s:e, :t].to(device), text_mask[s:e, :t].to(device), mode="text")[:, 0]
         feats.append(F.normalize(model.text_proj(cls).float(), dim=-1))
     text_feats = _gather_rows(torch.cat(feats) if feats else torch.zeros(0, model.text_proj.out_features, device=device),
                               n_txt, world)
