@@ -189,6 +189,8 @@ def test_rerank_equals_the_official_loop_and_the_bounded_paths(hf_dirs, tmp_path
     spilled = ev.retrieval_scores(model, images, texts, k_test=4, batch_size=2, itm_rows=3, max_state_bytes=0,
                                   state_dir=tmp_path)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(spilled, (i2t, t2i)))
+    one_by_one = ev.retrieval_scores(model, images, texts, k_test=4, itm_rows=2, kv_bytes=1)  # one image per block
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(one_by_one, (i2t, t2i)))
     assert not list(tmp_path.glob("blip-states-*"))  # the file is gone
     # passes of <= 4 rows: an image's texts split in chunks, equal-width chunks of several images together
     assert ev._itm_passes([5, 2, 2, 1], 4) == [[(0, 0, 4)], [(1, 0, 2), (2, 0, 2)], [(0, 4, 1), (3, 0, 1)]]
@@ -287,7 +289,8 @@ def test_finetune_cli_validates_and_exports_the_best(tmp_path, capsys):
     assert len(vals) == 2 and all(0 <= r["val"]["r_mean"] <= 100 and r["val_score"] == r["val"]["r_mean"] for r in vals)
     assert all({"loss_ita", "loss_itm"} <= set(r) for r in rows if "loss" in r)
     model = blip.load(tmp_path / "run" / "model")
-    assert model.config.task == "retrieval" and set(model.match(str(tmp_path / "img" / "0.png"), ["a"])) == {"itm", "itc"}
+    assert model.config.task == "retrieval"
+    assert set(model.match(str(tmp_path / "img" / "0.png"), ["a"])) == {"itm", "itc"}
     assert json.loads((tmp_path / "run" / "test.json").read_text())["r_mean"] == result["test"]["r_mean"]
 
 
@@ -309,3 +312,30 @@ def test_bad_training_data_is_one_line(tmp_path, capsys, problem, message):
     assert main(["finetune", "--task", "retrieval", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("blip: error:") and message in err[0]
+
+
+def test_init_checkpoint_momentum_and_queues_are_loaded(tmp_path):
+    """As the official load_checkpoint: an official pretrained .pth's momentum encoders and queues start
+    the objective's (its image size interpolated), not copies of the online model."""
+    from blip.train.config import TrainConfig
+    from blip.train.loop import Trainer, flat_state_dict
+    torch.manual_seed(0)
+    pre = build_objective("pretrain", blip.create_model("tiny", task="pretrain"), queue_size=8, queue_init="random")
+    sd = flat_state_dict(pre)
+    with torch.no_grad():
+        for k in sd:
+            if k.startswith(("visual_encoder_m.", "text_proj_m.")):
+                sd[k] = sd[k] + 0.5  # momentum weights that differ from the online ones
+    torch.save({"model": sd}, tmp_path / "model_base.pth")
+    cfg = TrainConfig.load(finetune_config(tmp_path, init=str(tmp_path / "model_base.pth"), image_size=48,
+                                           val_file=None, test_file=None))
+    trainer = Trainer(cfg, tmp_path / "run")
+    try:
+        mo = trainer.objective.momentum
+        assert torch.equal(mo.text_proj_m.weight, sd["text_proj_m.weight"])
+        assert not torch.equal(mo.text_proj_m.weight, trainer.model.text_proj.weight)
+        assert mo.visual_encoder_m.pos_embed.shape == trainer.model.visual_encoder.pos_embed.shape == (1, 10, 64)
+        assert torch.equal(mo.image_queue, sd["image_queue"]) and torch.equal(mo.text_queue, sd["text_queue"])
+        assert mo.idx_queue.eq(-100).all() and int(mo.queue_ptr) == 0
+    finally:
+        trainer.close()

@@ -169,12 +169,13 @@ def _itm_logits(model, states, text_ids, text_mask, text_lens, texts_of, rows):
 @torch.inference_mode()
 def retrieval_scores(model, images, texts, *, k_test: int = 256, batch_size: int = 32, itm_rows: int = 256,
                      progress: bool = False, max_state_bytes: int = 2 << 30, state_dir=None,
-                     distributed: bool = False):
+                     kv_bytes: int = 512 << 20, distributed: bool = False):
     """(i2t (images, texts), t2i (texts, images)) score matrices on the CPU: the cosine when k_test is 0,
     else ITM logit + cosine on each image's top-k_test texts (i2t) and each text's top-k_test images (t2i),
     -100 elsewhere. images: paths / PIL images / bytes, or a normalised (N, 3, H, W) tensor.
     itm_rows: text rows per multimodal pass; max_state_bytes: ViT states kept in RAM beyond which they go
-    to a temporary file in state_dir (default: the system's temporary folder)."""
+    to a temporary file in state_dir (default: the system's temporary folder); kv_bytes: cross-attention
+    keys/values held at once (a block of images)."""
     from ..train import distributed as dist
     world = dist.world_size() if distributed else 1
     rank = dist.rank() if distributed else 0
@@ -192,8 +193,8 @@ def retrieval_scores(model, images, texts, *, k_test: int = 256, batch_size: int
         t = int(text_lens[s:e].max())
         cls = model.text_encoder(text_ids[s:e, :t].to(device), text_mask[s:e, :t].to(device), mode="text")[:, 0]
         feats.append(F.normalize(model.text_proj(cls).float(), dim=-1))
-    text_feats = _gather_rows(torch.cat(feats) if feats else torch.zeros(0, model.text_proj.out_features, device=device),
-                              n_txt, world)
+    empty = torch.zeros(0, model.text_proj.out_features, device=device)
+    text_feats = _gather_rows(torch.cat(feats) if feats else empty, n_txt, world)
     text_ids[:, 0] = ENC_ID
 
     # images: one ViT pass each (this rank's share); states kept for the rerank
@@ -210,8 +211,7 @@ def retrieval_scores(model, images, texts, *, k_test: int = 256, batch_size: int
                 feats.append(F.normalize(model.vision_proj(states[:, 0].to(model.text_dtype)).float(), dim=-1))
                 if store is not None:
                     store.write(states)
-        image_feats = _gather_rows(torch.cat(feats) if feats else text_feats.new_zeros(0, text_feats.shape[1]),
-                                   n_img, world)
+        image_feats = _gather_rows(torch.cat(feats) if feats else empty, n_img, world)
         sims = image_feats @ text_feats.T
         if not k_test:
             return sims.cpu(), sims.T.cpu()
@@ -226,15 +226,21 @@ def retrieval_scores(model, images, texts, *, k_test: int = 256, batch_size: int
         in_t2i = torch.zeros_like(sims, dtype=torch.bool).scatter_(0, top_t2i, True)
         wanted = (in_i2t | in_t2i)[i_lo:i_hi].cpu()
 
-        # this rank's images, a block at a time: each image's K/V once for all its texts
+        # this rank's images, a block at a time: each image's K/V once for all its texts, as many images
+        # per block as kv_bytes allows (so images with few texts can share passes)
         itm = torch.zeros(n_img, n_txt)
-        for b in tqdm(range(0, i_hi - i_lo, batch_size), disable=not progress, desc="itm rerank", leave=False):
-            block = wanted[b:b + batch_size]
-            texts_of = [row.nonzero()[:, 0] for row in block]
-            logits = _itm_logits(model, store.read(b, b + len(block)), text_ids, text_mask, text_lens, texts_of,
-                                 itm_rows)
-            for g, (t, v) in enumerate(zip(texts_of, logits)):
-                itm[i_lo + b + g, t] = v
+        if i_hi > i_lo:
+            text_cfg = model.text_encoder.cfg
+            item = torch.finfo(model.text_dtype).bits // 8
+            per_image = 2 * text_cfg.depth * store.data.shape[1] * text_cfg.width * item
+            block_size = max(1, min(i_hi - i_lo, kv_bytes // per_image))
+            for b in tqdm(range(0, i_hi - i_lo, block_size), disable=not progress, desc="itm rerank", leave=False):
+                block = wanted[b:b + block_size]
+                texts_of = [row.nonzero()[:, 0] for row in block]
+                logits = _itm_logits(model, store.read(b, b + len(block)), text_ids, text_mask, text_lens, texts_of,
+                                     itm_rows)
+                for g, (t, v) in enumerate(zip(texts_of, logits)):
+                    itm[i_lo + b + g, t] = v
     finally:
         if store is not None:
             store.close()
@@ -274,7 +280,7 @@ def recall_at_k(i2t: torch.Tensor, t2i: torch.Tensor, txt2img: list[int], img2tx
 def evaluate(model, data, image_root=None, *, out_dir=None, progress: bool = False, k_test: int = 256,
              batch_size: int = 32, **options) -> dict:
     """Metrics on an official test file (`[{"image", "caption": [refs]}]`); options go to
-    retrieval_scores (itm_rows, max_state_bytes, state_dir, distributed). With out_dir, also writes
+    retrieval_scores (itm_rows, max_state_bytes, state_dir, kv_bytes, distributed). With out_dir, also writes
     metrics.json there (rank 0)."""
     images, texts, txt2img, img2txt = load_retrieval_annotation(data, image_root)
     training = model.training

@@ -1,6 +1,11 @@
 """Image-text retrieval finetuning: ITC with image-id positives and ITM with same-image-masked hard
 negatives, as the official `BLIP_Retrieval.forward` (models/blip_retrieval.py, train_retrieval.py).
 
+Starting from a checkpoint that holds momentum encoders and queues (an official pretrained `.pth`), the
+momentum towers and the two feature queues start from those, as the official `load_checkpoint` loads
+every tensor whose name and shape match (`adapt_state_dict` keeps them for the objective); otherwise
+the towers are copies of the model and the queue starts per `queue_init`.
+
 Differences from pretraining's objective (train/objectives.py), all official:
 - every pair of the batch and of the queue that shows the same image is a positive of the ITC targets
   (rows normalised), so the momentum queue also keeps each column's image id (-100: none);
@@ -25,7 +30,37 @@ from ..objectives import (MomentumTowers, StepInfo, hard_negatives, itc_loss, it
                           itm_states, ramped_alpha)
 
 MODEL_TASK = "retrieval"
-__all__ = ["MODEL_TASK", "Collate", "Objective", "collate", "train_dataset"]
+__all__ = ["MODEL_TASK", "Collate", "Objective", "adapt_state_dict", "collate", "train_dataset"]
+_STASH = "_retrieval_training_init"
+
+
+def adapt_state_dict(sd: dict, model: nn.Module) -> dict:
+    """Keep the init checkpoint's momentum encoders and queues for the Objective built next (the model
+    itself has no place for them); the state dict is loaded unchanged."""
+    towers = tuple(f"{name}_m." for name in MomentumTowers.NAMES)
+    kept = {k: v for k, v in sd.items() if k.startswith(towers) or k in ("image_queue", "text_queue")}
+    if kept:
+        model.__dict__[_STASH] = kept
+    return sd
+
+
+@torch.no_grad()
+def load_momentum(momentum: MomentumTowers, sd: dict) -> list[str]:
+    """The tensors of `sd` (official names: visual_encoder_m.*, ..., image_queue, text_queue) whose name
+    and shape match, the momentum ViT's pos_embed interpolated to its image size; the queue pointer and
+    the id queue stay at their start (official: ptr_queue 0, idx_queue -100). Returns what was loaded."""
+    from ...vit import interpolate_pos_embed
+    own = momentum.state_dict()
+    loaded = []
+    for key, value in sd.items():
+        if key == "visual_encoder_m.pos_embed" and key in own and value.shape != own[key].shape:
+            value = interpolate_pos_embed(value.float(), own[key].shape[1] - 1)
+        if key in own and key not in ("queue_ptr", "idx_queue") and value.shape == own[key].shape:
+            own[key].copy_(value.to(own[key].dtype))
+            loaded.append(key)
+    if any(k in loaded for k in ("image_queue", "text_queue")):
+        momentum._full = False  # rescan which columns hold features
+    return loaded
 
 
 class Objective(nn.Module):
@@ -47,6 +82,11 @@ class Objective(nn.Module):
                              f"processes), as the official queue asserts")
         self.model = model
         self.momentum = MomentumTowers(model, momentum, queue_size, queue_init, ids=True)
+        init = model.__dict__.pop(_STASH, None)
+        self.init_loaded = load_momentum(self.momentum, init) if init else []
+        if self.init_loaded and dist.is_main():
+            print(f"blip: momentum init: loaded {len(self.init_loaded)} momentum/queue tensors from the checkpoint",
+                  flush=True)
         self.alpha, self.alpha_ramp_epochs = alpha, alpha_ramp_epochs
         self.negatives_all_rank = negatives_all_rank
         # gathered token ids need one width on every rank
