@@ -209,6 +209,16 @@ DRIVER = textwrap.dedent('''
     i2t, t2i = ev.retrieval_scores(model, images, texts, k_test=3, batch_size=2, distributed=True)
     if dist.rank() == 0:
         torch.save({"i2t": i2t, "t2i": t2i, "world": dist.world_size()}, sys.argv[3])
+    # and two finetuning steps with ITM negatives drawn from both ranks' batches
+    from blip.train.config import TrainConfig
+    from blip.train.loop import Trainer
+    cfg = TrainConfig.load(None, ["task=retrieval", "model=tiny", "image_size=32", f"train_files={sys.argv[4]}",
+                                  "batch_size=2", "queue_size=8", "max_steps=2", "negatives_all_rank=true",
+                                  "progress=false", "ckpt_interval=0", "log_interval=1", "device=cpu"])
+    trainer = Trainer(cfg, sys.argv[5])
+    trainer.train()
+    torch.save({"params": {k: v.detach() for k, v in trainer.model.named_parameters()},
+                "ids": trainer.objective.momentum.idx_queue.clone()}, f"{sys.argv[5]}/rank{dist.rank()}.pt")
     dist.cleanup()
 ''')
 
@@ -219,13 +229,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_score_like_one(hf_dirs, tmp_path):
+def test_two_ranks_score_like_one_and_train_with_all_rank_negatives(hf_dirs, tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     data = make_test_set(tmp_path, n=5, caps=2)  # 5 images: the ranks get 3 and 2
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    train, _ = write_train_set(tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           f"--master_port={free_port()}", str(script), str(hf_dirs["retrieval"][0]), str(data), str(tmp_path / "r.pt")]
+           f"--master_port={free_port()}", str(script), str(hf_dirs["retrieval"][0]), str(data), str(tmp_path / "r.pt"),
+           str(train), str(tmp_path / "run")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = torch.load(tmp_path / "r.pt", weights_only=True)
@@ -234,6 +246,10 @@ def test_two_ranks_score_like_one(hf_dirs, tmp_path):
     i2t, t2i = ev.retrieval_scores(model, images, texts, k_test=3, batch_size=2)
     assert got["world"] == 2
     assert torch.allclose(got["i2t"], i2t, atol=1e-5) and torch.allclose(got["t2i"], t2i, atol=1e-5)
+    # all-rank negatives: DDP kept the ranks equal, and the id queue holds both ranks' image ids of both steps
+    r0, r1 = (torch.load(tmp_path / "run" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(r0["params"][k], r1["params"][k]) for k in r0["params"])
+    assert torch.equal(r0["ids"], r1["ids"]) and (r0["ids"] >= 0).all()
 
 
 def test_evaluate_cli_and_bad_files(hf_dirs, tmp_path, capsys):
@@ -298,6 +314,7 @@ def test_finetune_cli_validates_and_exports_the_best(tmp_path, capsys):
     ("missing_file", "train file not found"),
     ("vqa", "no \"caption\" text"),
     ("missing_image", "1 of 8 training images do not exist"),
+    ("not_json", "train.json is not a JSON file"),
 ])
 def test_bad_training_data_is_one_line(tmp_path, capsys, problem, message):
     from blip.cli import main
@@ -305,6 +322,8 @@ def test_bad_training_data_is_one_line(tmp_path, capsys, problem, message):
     train = tmp_path / "train.json"
     if problem == "missing_file":
         train.unlink()
+    elif problem == "not_json":
+        train.write_text("image,caption\n0.png,a dog\n")
     elif problem == "vqa":
         train.write_text(json.dumps([{"image": "img/0.png", "question": "what?", "answer": ["x"]}]))
     else:

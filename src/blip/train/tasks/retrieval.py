@@ -18,6 +18,7 @@ The batch is {"image", "text": [str], "image_id"}: the objective tokenises (max_
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import torch
@@ -167,6 +168,17 @@ def _check_files(cfg) -> None:
             raise FileNotFoundError(f"train file not found: {f}")
 
 
+def _unreadable(files) -> str:
+    """The first of `files` that does not parse as JSON (JsonCaptionDataset's error does not say which)."""
+    for f in files:
+        try:
+            with open(f, encoding="utf-8") as fh:
+                json.load(fh)
+        except ValueError:
+            return str(f)
+    return str(files)
+
+
 def _check_annotations(ds) -> None:
     """One clear error for a file that is not a caption list (a VQA or test file) or names missing images."""
     for path, cap in zip(ds.paths, ds.captions):
@@ -194,8 +206,11 @@ def train_dataset(cfg, image_size: int, rank: int = 0, world: int = 1):
     if not cfg.train_files:
         raise ValueError("retrieval finetuning needs train_files (e.g. coco_karpathy_train.json) or shards")
     _check_files(cfg)
-    ds = JsonCaptionDataset(cfg.train_files, image_root=cfg.image_root, transform=transform,
-                            max_words=cfg.max_words, seed=cfg.seed)
+    try:
+        ds = JsonCaptionDataset(cfg.train_files, image_root=cfg.image_root, transform=transform,
+                                max_words=cfg.max_words, seed=cfg.seed)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{_unreadable(cfg.train_files)} is not a JSON file ({e})") from None
     _check_annotations(ds)
     return ds
 
