@@ -59,7 +59,8 @@ class MomentumTowers(nn.Module):
 
     NAMES = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
 
-    def __init__(self, model: nn.Module, momentum: float = 0.995, queue_size: int = 57600, queue_init: str = "empty"):
+    def __init__(self, model: nn.Module, momentum: float = 0.995, queue_size: int = 57600, queue_init: str = "empty",
+                 ids: bool = False):
         super().__init__()
         if queue_init not in ("empty", "random"):
             raise ValueError(f"queue_init must be 'empty' or 'random', not {queue_init!r}")
@@ -77,6 +78,8 @@ class MomentumTowers(nn.Module):
         for name in ("image_queue", "text_queue"):
             queue = torch.zeros(dim, queue_size)
             self.register_buffer(name, F.normalize(queue.normal_(), dim=0) if queue_init == "random" else queue)
+        if ids:  # retrieval: the image id of every queued pair (-100: none yet, never a positive), official idx_queue
+            self.register_buffer("idx_queue", torch.full((1, queue_size), -100, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self._full = False  # every column written: set on the first check that finds it so (also after a resume)
 
@@ -101,19 +104,31 @@ class MomentumTowers(nn.Module):
         text = self.text_proj_m(self.text_encoder_m(ids, mask, mode="text")[:, 0])
         return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
 
-    def queues(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The written columns of the two queues, (D, Q'): all of them once the queue has filled; before
-        that, the non-zero ones (an "empty" queue starts as zeros)."""
+    def _written(self) -> torch.Tensor | None:
+        """Which queue columns hold features: None once all do; before that the non-zero ones (an
+        "empty" queue starts as zeros)."""
         if not self._full:
             written = self.image_queue.any(0)
             if not bool(written.all()):
-                return self.image_queue[:, written], self.text_queue[:, written]
+                return written
             self._full = True
-        return self.image_queue, self.text_queue
+        return None
+
+    def queues(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The written columns of the two queues, (D, Q')."""
+        written = self._written()
+        if written is None:
+            return self.image_queue, self.text_queue
+        return self.image_queue[:, written], self.text_queue[:, written]
+
+    def id_queue(self) -> torch.Tensor:
+        """The image ids of the columns `queues()` returns, (Q',)."""
+        written = self._written()
+        return self.idx_queue[0] if written is None else self.idx_queue[0, written]
 
     @torch.no_grad()
-    def enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
-        """Write the features of every rank (rank order) at the pointer, then advance it.
+    def enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        """Write the features (and image ids) of every rank (rank order) at the pointer, then advance it.
         A queue of size 0 (in-batch negatives only) keeps nothing."""
         size = self.image_queue.shape[1]
         if size == 0:
@@ -124,6 +139,8 @@ class MomentumTowers(nn.Module):
         ptr = int(self.queue_ptr)
         self.image_queue[:, ptr:ptr + n] = image_feat.T.to(self.image_queue.dtype)
         self.text_queue[:, ptr:ptr + n] = text_feat.T.to(self.text_queue.dtype)
+        if ids is not None:
+            self.idx_queue[0, ptr:ptr + n] = dist.gather(ids)
         self.queue_ptr[0] = (ptr + n) % size
 
 
@@ -139,17 +156,20 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(F.log_softmax(logits, dim=1) * targets).sum(1).mean()
 
 
-def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha):
+def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha,
+             positives: torch.Tensor | None = None):
     """Contrastive loss against [momentum batch ; queue] with distilled targets
-    alpha * softmax(momentum sims) + (1 - alpha) * one-hot(diagonal).
+    alpha * softmax(momentum sims) + (1 - alpha) * positives, positives the one-hot diagonal
+    (pretraining) or given: (B, B + Q) rows summing to one (retrieval: every pair of the same image).
     Features (B, D) normalised, queues (D, Q) (Q may be 0). Returns (loss, sim_i2t, sim_t2i), sims (B, B + Q)."""
     image_all = torch.cat([image_feat_m.T, image_queue], dim=1)
     text_all = torch.cat([text_feat_m.T, text_queue], dim=1)
     with torch.no_grad():
-        onehot = torch.zeros(image_feat.shape[0], image_all.shape[1], device=image_all.device)
-        onehot.fill_diagonal_(1)
-        i2t_targets = alpha * (image_feat_m @ text_all / temp).softmax(1) + (1 - alpha) * onehot
-        t2i_targets = alpha * (text_feat_m @ image_all / temp).softmax(1) + (1 - alpha) * onehot
+        if positives is None:
+            positives = torch.zeros(image_feat.shape[0], image_all.shape[1], device=image_all.device)
+            positives.fill_diagonal_(1)
+        i2t_targets = alpha * (image_feat_m @ text_all / temp).softmax(1) + (1 - alpha) * positives
+        t2i_targets = alpha * (text_feat_m @ image_all / temp).softmax(1) + (1 - alpha) * positives
     sim_i2t = image_feat @ text_all / temp
     sim_t2i = text_feat @ image_all / temp
     loss = (soft_cross_entropy(sim_i2t, i2t_targets) + soft_cross_entropy(sim_t2i, t2i_targets)) / 2
@@ -157,12 +177,19 @@ def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text
 
 
 @torch.no_grad()
-def itm_negative_weights(sim: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    """Hard-negative sampling weights softmax(sim) + 1e-4 with the own pair (row i, column offset + i)
-    at 0. sim (B, N): this batch's rows against the N candidates (the batch, or all ranks' batches)."""
-    w = sim.float().softmax(dim=1) + 1e-4
-    rows = torch.arange(sim.shape[0], device=sim.device)
-    w[rows, rows + offset] = 0
+def itm_negative_weights(sim: torch.Tensor, offset: int = 0, same: torch.Tensor | None = None,
+                         eps: float = 1e-4) -> torch.Tensor:
+    """Hard-negative sampling weights softmax(sim) + eps with the own pair (row i, column offset + i) at
+    0, or (retrieval, official eps 0) every pair `same` marks (B, N; the same image). sim (B, N): this
+    batch's rows against the N candidates (the batch, or all ranks' batches). A row left all zero (every
+    candidate is the same image) gets uniform weights, where the official code would stop."""
+    w = sim.float().softmax(dim=1) + eps
+    if same is None:
+        rows = torch.arange(sim.shape[0], device=sim.device)
+        w[rows, rows + offset] = 0
+    else:
+        w.masked_fill_(same, 0)
+        w[w.sum(1) == 0] = 1.0
     return w
 
 
@@ -176,6 +203,32 @@ def itm_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> torch.Tensor
     logits = torch.cat([pos_logits, neg_logits]).float()
     labels = torch.cat([torch.ones(len(pos_logits)), torch.zeros(len(neg_logits))]).long().to(logits.device)
     return F.cross_entropy(logits, labels)
+
+
+def hard_negatives(text_encoder, image_embeds, kv, enc_ids, mask, w_t2i, w_i2t, all_rank: bool = False):
+    """One negative image per text (rows of w_t2i) and one negative text per image (rows of w_i2t), drawn
+    from this batch or, with all_rank, from every rank's batch (the images' states gathered with their
+    gradient, the texts' ids and masks gathered: equal widths). Returns the negative texts' (ids, mask)
+    and the negative images' cross-attention K/V."""
+    neg_img, neg_txt = sample_negatives(w_t2i), sample_negatives(w_i2t)
+    if all_rank:
+        cand_ids, cand_mask = dist.gather(enc_ids), dist.gather(mask)
+        neg_kv = text_encoder.cross_kv(dist.gather_with_grad(image_embeds)[neg_img])
+    else:
+        cand_ids, cand_mask = enc_ids, mask
+        neg_kv = [(k[neg_img], v[neg_img]) for k, v in kv]
+    return cand_ids[neg_txt], cand_mask[neg_txt], neg_kv
+
+
+def itm_states(text_encoder, ids, mask, neg_ids, neg_mask, kv, neg_kv):
+    """[ENC] states of (image b, text b), (image b, negative text b) — one pass sharing each image's
+    K/V — and (negative image b, text b)."""
+    bs = ids.shape[0]
+    rows = torch.stack([ids, neg_ids], 1).flatten(0, 1)  # image b owns rows 2b, 2b+1
+    rows_mask = torch.stack([mask, neg_mask], 1).flatten(0, 1)
+    both = text_encoder(rows, rows_mask, mode="multimodal", cache=KVCache(kv, None))[:, 0].view(bs, 2, -1)
+    neg_image = text_encoder(ids, mask, mode="multimodal", cache=KVCache(neg_kv, None))[:, 0]
+    return both[:, 0], both[:, 1], neg_image
 
 
 def shifted_targets(ids: torch.Tensor, mask: torch.Tensor, prompt_length: int = 0) -> torch.Tensor:
@@ -319,21 +372,17 @@ class PretrainObjective(nn.Module):
         m, bs = self.model, ids.shape[0]
         enc_ids = ids.clone()
         enc_ids[:, 0] = ENC_ID
-        if self.negatives_all_rank and dist.world_size() > 1:
-            offset = dist.rank() * bs
-            with torch.no_grad():
+        all_rank = self.negatives_all_rank and dist.world_size() > 1
+        with torch.no_grad():
+            if all_rank:
+                offset = dist.rank() * bs
                 w_t2i = itm_negative_weights(text_feat @ dist.gather(image_feat).T / m.temp, offset)
                 w_i2t = itm_negative_weights(image_feat @ dist.gather(text_feat).T / m.temp, offset)
-            neg_img, neg_txt = sample_negatives(w_t2i), sample_negatives(w_i2t)
-            cand_ids, cand_mask = dist.gather(enc_ids), dist.gather(mask)
-            neg_states = dist.gather_with_grad(image_embeds)[neg_img]
-            neg_kv = m.text_encoder.cross_kv(neg_states)
-        else:
-            neg_img = sample_negatives(itm_negative_weights(sim_t2i[:, :bs]))
-            neg_txt = sample_negatives(itm_negative_weights(sim_i2t[:, :bs]))
-            cand_ids, cand_mask = enc_ids, mask
-            neg_kv = [(k[neg_img], v[neg_img]) for k, v in kv]
-        pos, neg_text, neg_image = self.itm_states(enc_ids, mask, cand_ids[neg_txt], cand_mask[neg_txt], kv, neg_kv)
+            else:
+                w_t2i, w_i2t = itm_negative_weights(sim_t2i[:, :bs]), itm_negative_weights(sim_i2t[:, :bs])
+        neg_ids, neg_mask, neg_kv = hard_negatives(m.text_encoder, image_embeds, kv, enc_ids, mask, w_t2i, w_i2t,
+                                                   all_rank)
+        pos, neg_text, neg_image = itm_states(m.text_encoder, enc_ids, mask, neg_ids, neg_mask, kv, neg_kv)
         negatives = [neg_text, neg_image]
         if swap_ids is not None and bool(swap_valid.any()):  # (image b, its caption with one word replaced)
             rows = swap_valid.nonzero()[:, 0]
@@ -345,14 +394,7 @@ class PretrainObjective(nn.Module):
         return itm_loss(logits[:bs], logits[bs:])
 
     def itm_states(self, ids, mask, neg_ids, neg_mask, kv, neg_kv):
-        """[ENC] states of (image b, text b), (image b, negative text b) — one pass sharing each image's
-        K/V — and (negative image b, text b)."""
-        enc, bs = self.model.text_encoder, ids.shape[0]
-        rows = torch.stack([ids, neg_ids], 1).flatten(0, 1)  # image b owns rows 2b, 2b+1
-        rows_mask = torch.stack([mask, neg_mask], 1).flatten(0, 1)
-        both = enc(rows, rows_mask, mode="multimodal", cache=KVCache(kv, None))[:, 0].view(bs, 2, -1)
-        neg_image = enc(ids, mask, mode="multimodal", cache=KVCache(neg_kv, None))[:, 0]
-        return both[:, 0], both[:, 1], neg_image
+        return itm_states(self.model.text_encoder, ids, mask, neg_ids, neg_mask, kv, neg_kv)
 
     def lm(self, ids, mask, image_embeds, kv) -> torch.Tensor:
         dec = self.model.text_decoder

@@ -1,0 +1,360 @@
+"""Retrieval finetuning (train/tasks/retrieval.py) and evaluation (eval/retrieval.py), against direct
+computations written as the official BLIP_Retrieval.forward and train_retrieval.evaluation do them."""
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import blip
+from blip.eval import retrieval as ev
+from blip.tokenizer import ENC_ID, get_tokenizer
+from blip.train.objectives import StepInfo, itc_loss, itm_negative_weights, ramped_alpha
+from blip.train.tasks import build_objective
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_retrieval(seed=0, queue_size=8, **kw):
+    torch.manual_seed(seed)
+    model = blip.create_model("tiny", task="retrieval").eval()  # eval: no dropout, so a replay is exact
+    return build_objective("retrieval", model, queue_size=queue_size, **kw)
+
+
+def batch(ids, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    texts = [f"a {c} shape number {i}" for c, i in zip(["red", "blue", "green", "tall"] * 4, ids)]
+    return {"image": torch.randn(len(ids), 3, 64, 64, generator=g), "text": texts,
+            "image_id": torch.tensor(ids)}
+
+
+# ------------------------------------------------------------------------------ the objective
+def test_itc_positives_generalise_the_one_hot():
+    g = torch.Generator().manual_seed(0)
+    f = [F.normalize(torch.randn(4, 8, generator=g), dim=-1) for _ in range(4)]
+    queues = [F.normalize(torch.randn(8, 6, generator=g), dim=0) for _ in range(2)]
+    onehot = torch.zeros(4, 10)
+    onehot[:, :4] = torch.eye(4)
+    a = itc_loss(*f, *queues, 0.07, 0.3)
+    b = itc_loss(*f, *queues, 0.07, 0.3, positives=onehot)
+    assert torch.equal(a[0], b[0])  # pretraining's targets unchanged
+    # image-id positives: the official formula by hand
+    idx, idx_queue = torch.tensor([0, 1, 0, 2]), torch.tensor([5, 1, -100, 0, 7, -100])
+    pos = (idx[:, None] == torch.cat([idx, idx_queue])[None]).float()
+    pos = pos / pos.sum(1, keepdim=True)
+    image_feat, text_feat, image_m, text_m = f
+    image_all, text_all = torch.cat([image_m.T, queues[0]], 1), torch.cat([text_m.T, queues[1]], 1)
+    i2t_t = 0.3 * F.softmax(image_m @ text_all / 0.07, 1) + 0.7 * pos
+    t2i_t = 0.3 * F.softmax(text_m @ image_all / 0.07, 1) + 0.7 * pos
+    want = (-(F.log_softmax(image_feat @ text_all / 0.07, 1) * i2t_t).sum(1).mean()
+            - (F.log_softmax(text_feat @ image_all / 0.07, 1) * t2i_t).sum(1).mean()) / 2
+    got = itc_loss(*f, *queues, 0.07, 0.3, positives=pos)[0]
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_itm_weights_mask_same_image_without_offset():
+    sim = torch.randn(4, 4)
+    same = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 1]]).bool()
+    w = itm_negative_weights(sim, same=same, eps=0.0)
+    assert torch.equal(w, F.softmax(sim, 1).masked_fill(same, 0))  # official: no +1e-4
+    assert torch.equal(itm_negative_weights(sim), itm_negative_weights(sim, 0))  # pretraining unchanged
+    # a row with every candidate of its own image cannot be sampled from: uniform
+    assert torch.equal(itm_negative_weights(sim, same=torch.ones(4, 4).bool(), eps=0.0), torch.ones(4, 4))
+
+
+def direct_step(o, b, info):
+    """The official BLIP_Retrieval.forward, spelt out on the model (plain cross-attention calls)."""
+    m, mo = o.model, o.momentum
+    ids, mask = get_tokenizer()(b["text"], max_length=35)
+    idx = b["image_id"]
+    alpha = 0.4 * min(1, info.step / info.steps_per_epoch) if info.epoch == 0 else 0.4
+    image_embeds = m.visual_encoder(b["image"])
+    image_feat = F.normalize(m.vision_proj(image_embeds[:, 0]), dim=-1)
+    text_feat = F.normalize(m.text_proj(m.text_encoder(ids, mask, mode="text")[:, 0]), dim=-1)
+    written = mo.image_queue.any(0)
+    idx_all = torch.cat([idx, mo.idx_queue[0, written]])
+    pos = (idx[:, None] == idx_all[None]).float()
+    pos = pos / pos.sum(1, keepdim=True)
+    mo.update(m)
+    image_m = F.normalize(mo.vision_proj_m(mo.visual_encoder_m(b["image"])[:, 0]), dim=-1)
+    text_m = F.normalize(mo.text_proj_m(mo.text_encoder_m(ids, mask, mode="text")[:, 0]), dim=-1)
+    image_all = torch.cat([image_m.T, mo.image_queue[:, written]], 1)
+    text_all = torch.cat([text_m.T, mo.text_queue[:, written]], 1)
+    i2t_t = alpha * F.softmax(image_m @ text_all / m.temp, 1) + (1 - alpha) * pos
+    t2i_t = alpha * F.softmax(text_m @ image_all / m.temp, 1) + (1 - alpha) * pos
+    loss_ita = (-(F.log_softmax(image_feat @ text_all / m.temp, 1) * i2t_t).sum(1).mean()
+                - (F.log_softmax(text_feat @ image_all / m.temp, 1) * t2i_t).sum(1).mean()) / 2
+    enc = ids.clone()
+    enc[:, 0] = ENC_ID
+    same = idx[:, None] == idx[None]
+    w_i2t = F.softmax(image_feat @ text_feat.T / m.temp, 1).masked_fill(same, 0)
+    w_t2i = F.softmax(text_feat @ image_feat.T / m.temp, 1).masked_fill(same, 0)
+    neg_img = torch.multinomial(w_t2i, 1)[:, 0]
+    neg_txt = torch.multinomial(w_i2t, 1)[:, 0]
+    itm = lambda states, i, k: m.itm_head(m.text_encoder(i, k, states, mode="multimodal")[:, 0])  # noqa: E731
+    logits = torch.cat([itm(image_embeds, enc, mask), itm(image_embeds[neg_img], enc, mask),
+                        itm(image_embeds, enc[neg_txt], mask[neg_txt])])
+    labels = torch.tensor([1] * len(idx) + [0] * 2 * len(idx))
+    return loss_ita, F.cross_entropy(logits, labels), neg_img, neg_txt
+
+
+def test_objective_matches_the_official_forward_and_queues_ids():
+    o = tiny_retrieval(queue_size=8)
+    with torch.no_grad():
+        o(batch([0, 1, 2, 3], seed=1), StepInfo(0, 1, 4))
+    assert o.momentum.idx_queue[0, :4].tolist() == [0, 1, 2, 3] and o.momentum.idx_queue[0, 4:].eq(-100).all()
+    assert int(o.momentum.queue_ptr) == 4
+    b = batch([1, 5, 1, 7], seed=2)  # image 1 twice in the batch and once in the queue: three positives
+    info = StepInfo(0, 2, 4)
+    ref = copy.deepcopy(o)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        out = o(b, info)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        loss_ita, loss_itm, neg_img, neg_txt = direct_step(ref, b, info)
+    assert torch.allclose(out["loss_ita"], loss_ita, atol=1e-5)
+    assert torch.allclose(out["loss_itm"], loss_itm, atol=1e-5)
+    assert torch.allclose(out["loss"], loss_ita + loss_itm, atol=1e-5)
+    ids = b["image_id"]
+    assert not (ids[neg_img] == ids).any() and not (ids[neg_txt] == ids).any()  # never the same image
+    assert o.momentum.idx_queue[0].tolist() == [0, 1, 2, 3, 1, 5, 1, 7] and int(o.momentum.queue_ptr) == 0
+    assert o.momentum.id_queue().tolist() == [0, 1, 2, 3, 1, 5, 1, 7]
+
+
+def test_alpha_ramps_over_epoch_zero_only():
+    o = tiny_retrieval(queue_size=8)
+    assert o.alpha_ramp_epochs == 1.0
+    with torch.no_grad():
+        alphas = [o(batch([0, 1, 2, 3]), StepInfo(e, s, 4))["alpha"] for e, s in [(0, 0), (0, 2), (1, 0), (2, 3)]]
+    assert alphas == [0.0, 0.2, 0.4, 0.4]
+    assert ramped_alpha(0.4, 0, 3, 4, 1.0) == pytest.approx(0.3)
+
+
+def test_queue_must_be_a_multiple_of_the_global_batch():
+    model = blip.create_model("tiny", task="retrieval")
+    with pytest.raises(ValueError, match="multiple of the global batch 6"):
+        build_objective("retrieval", model, queue_size=16, batch_size=6)
+    with pytest.raises(ValueError, match="retrieval"):
+        build_objective("retrieval", blip.create_model("tiny", task="caption"), queue_size=8)
+
+
+# ------------------------------------------------------------------------------ evaluation
+def official_scores(model, images, texts, k):
+    """train_retrieval.evaluation, loop for loop (image states repeated per text)."""
+    ids, mask = get_tokenizer()(texts, max_length=35, padding="max_length")
+    t = F.normalize(model.text_proj(model.text_encoder(ids, mask, mode="text")[:, 0]), dim=-1)
+    ids[:, 0] = ENC_ID
+    states = model.visual_encoder(model.pixels(images))
+    sims = F.normalize(model.vision_proj(states[:, 0]), dim=-1) @ t.T
+    i2t = torch.full(sims.shape, -100.0)
+    for i, row in enumerate(sims):
+        top, idx = row.topk(k)
+        out = model.text_encoder(ids[idx], mask[idx], states[i].repeat(k, 1, 1), mode="multimodal")
+        i2t[i, idx] = model.itm_head(out[:, 0])[:, 1] + top
+    t2i = torch.full(sims.T.shape, -100.0)
+    for j, row in enumerate(sims.T):
+        top, idx = row.topk(k)
+        out = model.text_encoder(ids[j].repeat(k, 1), mask[j].repeat(k, 1), states[idx], mode="multimodal")
+        t2i[j, idx] = model.itm_head(out[:, 0])[:, 1] + top
+    return i2t, t2i
+
+
+def make_test_set(folder, n=6, caps=2):
+    entries = []
+    for i in range(n):
+        Image.new("RGB", (40, 40), (40 * i, 90 + 20 * (i % 3), 200 - 30 * i)).save(folder / f"{i}.png")
+        entries.append({"image": f"{i}.png", "caption": [f"a picture number {i} of a {c}" for c in
+                                                         ["dog", "red car", "small house"][:caps]]})
+    (folder / "test.json").write_text(json.dumps(entries))
+    return folder / "test.json"
+
+
+@torch.inference_mode()
+def test_rerank_equals_the_official_loop_and_the_bounded_paths(hf_dirs, tmp_path):
+    model = blip.load(hf_dirs["retrieval"][0])
+    images, texts, txt2img, img2txt = ev.load_retrieval_annotation(make_test_set(tmp_path, n=6, caps=3))
+    want_i2t, want_t2i = official_scores(model, images, texts, k=4)
+    i2t, t2i = ev.retrieval_scores(model, images, texts, k_test=4, batch_size=4)
+    assert torch.allclose(i2t, want_i2t, atol=1e-4) and torch.allclose(t2i, want_t2i, atol=1e-4)
+    assert ev.recall_at_k(i2t, t2i, txt2img, img2txt) == ev.recall_at_k(want_i2t, want_t2i, txt2img, img2txt)
+    # states spilled to a file, several images per pass with padded rows, tiny blocks: the same numbers
+    spilled = ev.retrieval_scores(model, images, texts, k_test=4, batch_size=2, itm_rows=3, max_state_bytes=0,
+                                  state_dir=tmp_path)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(spilled, (i2t, t2i)))
+    one_by_one = ev.retrieval_scores(model, images, texts, k_test=4, itm_rows=2, kv_bytes=1)  # one image per block
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(one_by_one, (i2t, t2i)))
+    assert not list(tmp_path.glob("blip-states-*"))  # the file is gone
+    # passes of <= 4 rows: an image's texts split in chunks, equal-width chunks of several images together
+    assert ev._itm_passes([5, 2, 2, 1], 4) == [[(0, 0, 4)], [(1, 0, 2), (2, 0, 2)], [(0, 4, 1), (3, 0, 1)]]
+
+
+DRIVER = textwrap.dedent('''
+    import sys
+    import torch
+    import blip
+    from blip.eval import retrieval as ev
+    from blip.train import distributed as dist
+    dist.setup("cpu")
+    torch.set_num_threads(1)
+    model = blip.load(sys.argv[1], device="cpu")
+    images, texts, _, _ = ev.load_retrieval_annotation(sys.argv[2])
+    i2t, t2i = ev.retrieval_scores(model, images, texts, k_test=3, batch_size=2, distributed=True)
+    if dist.rank() == 0:
+        torch.save({"i2t": i2t, "t2i": t2i, "world": dist.world_size()}, sys.argv[3])
+    # and two finetuning steps with ITM negatives drawn from both ranks' batches
+    from blip.train.config import TrainConfig
+    from blip.train.loop import Trainer
+    cfg = TrainConfig.load(None, ["task=retrieval", "model=tiny", "image_size=32", f"train_files={sys.argv[4]}",
+                                  "batch_size=2", "queue_size=8", "max_steps=2", "negatives_all_rank=true",
+                                  "progress=false", "ckpt_interval=0", "log_interval=1", "device=cpu"])
+    trainer = Trainer(cfg, sys.argv[5])
+    trainer.train()
+    torch.save({"params": {k: v.detach() for k, v in trainer.model.named_parameters()},
+                "ids": trainer.objective.momentum.idx_queue.clone()}, f"{sys.argv[5]}/rank{dist.rank()}.pt")
+    dist.cleanup()
+''')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_score_like_one_and_train_with_all_rank_negatives(hf_dirs, tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    data = make_test_set(tmp_path, n=5, caps=2)  # 5 images: the ranks get 3 and 2
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    train, _ = write_train_set(tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           f"--master_port={free_port()}", str(script), str(hf_dirs["retrieval"][0]), str(data), str(tmp_path / "r.pt"),
+           str(train), str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = torch.load(tmp_path / "r.pt", weights_only=True)
+    model = blip.load(hf_dirs["retrieval"][0])
+    images, texts, _, _ = ev.load_retrieval_annotation(data)
+    i2t, t2i = ev.retrieval_scores(model, images, texts, k_test=3, batch_size=2)
+    assert got["world"] == 2
+    assert torch.allclose(got["i2t"], i2t, atol=1e-5) and torch.allclose(got["t2i"], t2i, atol=1e-5)
+    # all-rank negatives: DDP kept the ranks equal, and the id queue holds both ranks' image ids of both steps
+    r0, r1 = (torch.load(tmp_path / "run" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(r0["params"][k], r1["params"][k]) for k in r0["params"])
+    assert torch.equal(r0["ids"], r1["ids"]) and (r0["ids"] >= 0).all()
+
+
+def test_evaluate_cli_and_bad_files(hf_dirs, tmp_path, capsys):
+    from blip.cli import main
+    data = make_test_set(tmp_path, n=4)
+    assert main(["evaluate", "--task", "retrieval", "--data", str(data), "--model", str(hf_dirs["retrieval"][0]),
+                 "--k-test", "3", "--json", "--quiet", "--out", str(tmp_path / "out")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    six = [out[f"{d}@{k}"] for d in ("tr", "ir") for k in (1, 5, 10)]
+    assert out["ir@10"] == 100.0 and out["r_mean"] == pytest.approx(sum(six) / 6)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == out
+    (tmp_path / "vqa.json").write_text(json.dumps([{"image": "0.png", "question": "what?", "answer": ["x"]}]))
+    assert main(["evaluate", "--task", "retrieval", "--data", str(tmp_path / "vqa.json"),
+                 "--model", str(hf_dirs["retrieval"][0]), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "entry 0" in err[0] and "caption" in err[0]
+
+
+# ------------------------------------------------------------------------------ finetuning end to end
+def write_train_set(folder, n=8):
+    (folder / "img").mkdir(exist_ok=True)
+    train, test = [], []
+    for i in range(n):
+        Image.new("RGB", (48, 48), (30 * i, 250 - 30 * i, 80)).save(folder / "img" / f"{i}.png")
+        caps = [f"a {c} picture {i}" for c in ("green", "bright")]
+        train += [{"image": f"img/{i}.png", "caption": c, "image_id": f"im{i}"} for c in caps]
+        test.append({"image": f"img/{i}.png", "caption": caps})
+    (folder / "train.json").write_text(json.dumps(train))
+    (folder / "val.json").write_text(json.dumps(test))
+    return folder / "train.json", folder / "val.json"
+
+
+def finetune_config(folder, **extra):
+    train, val = write_train_set(folder)
+    cfg = {"task": "retrieval", "model": "tiny", "image_size": 32, "train_files": [str(train)], "val_file": str(val),
+           "test_file": str(val), "batch_size": 4, "queue_size": 8, "epochs": 2, "steps_per_epoch": 2,
+           "schedule": "cosine", "init_lr": 1e-4, "min_lr": 0, "alpha_ramp_epochs": 1, "max_length": 35,
+           "min_scale": 0.5, "progress": False, "log_interval": 1, "ckpt_interval": 0, "device": "cpu",
+           "eval_options": {"k_test": 4}, **extra}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return folder / "cfg.json"
+
+
+def test_finetune_cli_validates_and_exports_the_best(tmp_path, capsys):
+    from blip.cli import main
+    cfg = finetune_config(tmp_path)
+    assert main(["finetune", "--task", "retrieval", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert best["rule"] == ev.RULE and best["epoch"] in (0, 1) and result["best"]["score"] == best["score"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    vals = [r for r in rows if "val" in r]
+    assert len(vals) == 2 and all(0 <= r["val"]["r_mean"] <= 100 and r["val_score"] == r["val"]["r_mean"] for r in vals)
+    assert all({"loss_ita", "loss_itm"} <= set(r) for r in rows if "loss" in r)
+    model = blip.load(tmp_path / "run" / "model")
+    assert model.config.task == "retrieval"
+    assert set(model.match(str(tmp_path / "img" / "0.png"), ["a"])) == {"itm", "itc"}
+    assert json.loads((tmp_path / "run" / "test.json").read_text())["r_mean"] == result["test"]["r_mean"]
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("missing_file", "train file not found"),
+    ("vqa", "no \"caption\" text"),
+    ("missing_image", "1 of 8 training images do not exist"),
+    ("not_json", "train.json is not a JSON file"),
+])
+def test_bad_training_data_is_one_line(tmp_path, capsys, problem, message):
+    from blip.cli import main
+    cfg = finetune_config(tmp_path)
+    train = tmp_path / "train.json"
+    if problem == "missing_file":
+        train.unlink()
+    elif problem == "not_json":
+        train.write_text("image,caption\n0.png,a dog\n")
+    elif problem == "vqa":
+        train.write_text(json.dumps([{"image": "img/0.png", "question": "what?", "answer": ["x"]}]))
+    else:
+        (tmp_path / "img" / "3.png").unlink()
+    assert main(["finetune", "--task", "retrieval", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("blip: error:") and message in err[0]
+
+
+def test_init_checkpoint_momentum_and_queues_are_loaded(tmp_path):
+    """As the official load_checkpoint: an official pretrained .pth's momentum encoders and queues start
+    the objective's (its image size interpolated), not copies of the online model."""
+    from blip.train.config import TrainConfig
+    from blip.train.loop import Trainer, flat_state_dict
+    torch.manual_seed(0)
+    pre = build_objective("pretrain", blip.create_model("tiny", task="pretrain"), queue_size=8, queue_init="random")
+    sd = flat_state_dict(pre)
+    with torch.no_grad():
+        for k in sd:
+            if k.startswith(("visual_encoder_m.", "text_proj_m.")):
+                sd[k] = sd[k] + 0.5  # momentum weights that differ from the online ones
+    torch.save({"model": sd}, tmp_path / "model_base.pth")
+    cfg = TrainConfig.load(finetune_config(tmp_path, init=str(tmp_path / "model_base.pth"), image_size=48,
+                                           val_file=None, test_file=None))
+    trainer = Trainer(cfg, tmp_path / "run")
+    try:
+        mo = trainer.objective.momentum
+        assert torch.equal(mo.text_proj_m.weight, sd["text_proj_m.weight"])
+        assert not torch.equal(mo.text_proj_m.weight, trainer.model.text_proj.weight)
+        assert mo.visual_encoder_m.pos_embed.shape == trainer.model.visual_encoder.pos_embed.shape == (1, 10, 64)
+        assert torch.equal(mo.image_queue, sd["image_queue"]) and torch.equal(mo.text_queue, sd["text_queue"])
+        assert mo.idx_queue.eq(-100).all() and int(mo.queue_ptr) == 0
+    finally:
+        trainer.close()
