@@ -91,7 +91,7 @@ class Pipeline:
             for child in self.out.iterdir():
                 if child.is_dir():
                     shutil.rmtree(child)
-        self.quick = ["max_steps=6", "itc_only_steps=2", "log_interval=1"] if opts.quick else []
+        self.quick = ["max_steps=6", "itc_only_steps=2", "log_interval=1", "batch_size=16"] if opts.quick else []
 
     # ------------------------------------------------------------------ helpers
     def _stage(self, name: str, fn):
@@ -137,15 +137,17 @@ class Pipeline:
                                               [_files(files)] + self.o.pretrain_overrides + self.quick, self.o))
         return folder / "model"
 
-    def finetune(self, name: str, config: Path, init: Path, extra: list[str] = ()) -> Path:
+    def finetune(self, name: str, config: Path, init: Path, extra: list[str] = (), validate: bool = True) -> Path:
+        """A finetune on the clean pairs from `init`; with `validate`, the best epoch on val.json (else the
+        test split when there is no val split) is kept, without it the last epoch."""
         folder = self.out / name
         corpus = self.o.corpus
         if not _done(folder):
-            overrides = [f"init={init}", _files([self.clean_file()]), f"val_file={(corpus / 'val.json').resolve()}"
-                         if (corpus / "val.json").exists() else f"val_file={(corpus / 'test.json').resolve()}",
-                         "test_file=null", *extra]
+            val = corpus / "val.json" if (corpus / "val.json").exists() else corpus / "test.json"
+            overrides = [f"init={init}", _files([self.clean_file()]),
+                         f"val_file={val.resolve()}" if validate else "val_file=null", "test_file=null", *extra]
             if self.o.quick:
-                overrides += ["max_steps=4", "epochs=1", "log_interval=1"]
+                overrides += ["max_steps=4", "epochs=1", "log_interval=1", "batch_size=8"]
             self._stage(name, lambda: _train(config, folder, overrides, self.o))
         return folder / "model"
 
@@ -191,7 +193,9 @@ class Pipeline:
             m = blip.load(model, task="retrieval", device=self.o.device)
             retrieval = evaluation.evaluate("retrieval", m, corpus / "test.json", k_test=16, progress=False)
             del m
-            cap_model = self.finetune(f"eval_{row}/caption", self.o.caption_config, model)
+            # the same short captioning finetune for every row: one epoch, the last one kept
+            cap_model = self.finetune(f"eval_{row}/caption", self.o.caption_config, model, ["epochs=1"],
+                                      validate=False)
             gt = corpus / "test_gt.json"
             m = blip.load(cap_model, device=self.o.device)
             caption = evaluation.evaluate("caption", m, corpus / "test.json", out_dir=folder,

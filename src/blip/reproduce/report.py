@@ -167,7 +167,7 @@ def _fmt(v, nd=1):
     return "-" if v is None or (isinstance(v, float) and v != v) else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
 
-def labelled(audit: list[dict]) -> list[dict]:
+def with_noise_kinds(audit: list[dict]) -> list[dict]:
     """The audit's rows with "noise" as a kind name ("clean" or the noise kind), None where unlabelled (the
     audit holds noise as a bool and the kind apart)."""
     out = []
@@ -197,7 +197,7 @@ def write_report(pipeline, rows: list[dict], capfilt: Path | None) -> dict:
     grid = []
     if capfilt is not None:
         import pyarrow.parquet as pq
-        audit = labelled(pq.read_table(capfilt / "audit.parquet").to_pylist())
+        audit = with_noise_kinds(pq.read_table(capfilt / "audit.parquet").to_pylist())
         summary = json.loads((capfilt / "summary.json").read_text())
         threshold = float(summary.get("threshold", summary.get("args", {}).get("threshold", 0.5)))
         web = [r for r in audit if r["source"] == "web"]
