@@ -176,6 +176,11 @@ class Pipeline:
                 "capfilt": lambda r: r["kept"]}[row]
         # the audit names images relative to the capfilt folder (as its bootstrapped.json does)
         items = [{"image": str((capfilt / r["image"]).resolve()), "caption": r["text"]} for r in audit if keep(r)]
+        # the same budget for every row: a smaller set is repeated to the web set's size, so that an epoch
+        # has as many steps as the no-CapFilt row's (a larger one, web + synthetic, is capped by steps_per_epoch)
+        web = len(json.loads(self.web_file().read_text()))
+        if items and len(items) < web:
+            items = (items * -(-web // len(items)))[:web]
         path.write_text(json.dumps(items))
         return path
 
