@@ -47,7 +47,34 @@ class MissingPartError(ValueError):
     """The loaded checkpoint lacks the part a method needs."""
 
 
-class Blip(nn.Module):
+class ImageTextModule(nn.Module):
+    """What every BLIP model (Blip, BlipNLVR) shares: a `visual_encoder`, a `config`, and where they live."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual_encoder.cls_token.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual_encoder.cls_token.dtype
+
+    @property
+    def text_dtype(self) -> torch.dtype:
+        """The text side's dtype: it may differ from the ViT's (dtype="bf16")."""
+        for name in ("text_encoder", "text_decoder"):
+            if hasattr(self, name):
+                return next(getattr(self, name).parameters()).dtype
+        return self.dtype
+
+    def has(self, *parts: str) -> bool:
+        return all(hasattr(self, p) for p in parts)
+
+    def pixels(self, images) -> torch.Tensor:
+        """Paths / PIL images / bytes, or an already-normalised (B, 3, H, W) tensor -> model input."""
+        return prepare_images(images, self.config.vision.image_size, device=self.device, dtype=self.dtype)
+
+
+class Blip(ImageTextModule):
     def __init__(self, config: BlipConfig):
         super().__init__()
         self.config = config
@@ -69,33 +96,10 @@ class Blip(nn.Module):
         self.tokenizer = get_tokenizer()
 
     # ----------------------------------------------------------------- plumbing
-    @property
-    def device(self) -> torch.device:
-        return self.visual_encoder.cls_token.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.visual_encoder.cls_token.dtype
-
-    @property
-    def text_dtype(self) -> torch.dtype:
-        """The text side's dtype: it may differ from the ViT's (dtype="bf16")."""
-        for name in ("text_encoder", "text_decoder"):
-            if hasattr(self, name):
-                return next(getattr(self, name).parameters()).dtype
-        return self.dtype
-
-    def has(self, *parts: str) -> bool:
-        return all(hasattr(self, p) for p in parts)
-
     def _require(self, need: str, ok: bool) -> None:
         if not ok:
             what, kind = _NEEDS[need]
             raise MissingPartError(f"{what} needs {kind}; this model is a '{self.config.task}' checkpoint")
-
-    def pixels(self, images) -> torch.Tensor:
-        """Paths / PIL images / bytes, or an already-normalised (B, 3, H, W) tensor -> model input."""
-        return prepare_images(images, self.config.vision.image_size, device=self.device, dtype=self.dtype)
 
     def _texts(self, texts, max_length: int, first_token: int | None, clean=pre_caption):
         texts = [clean(t) for t in as_texts(texts)]

@@ -15,8 +15,8 @@ from torch import nn
 
 from .config import BlipConfig
 from .med import TextTransformer, init_bert_weights
+from .model import ImageTextModule
 from .tokenizer import ENC_ID, as_texts, get_tokenizer, pre_caption
-from .transform import prepare_images
 from .vit import VisionTransformer
 
 MAX_WORDS = 40  # the official nlvr_dataset cleans sentences with pre_caption(sentence, 40)
@@ -27,7 +27,7 @@ def merge_from(depth: int) -> int:
     return depth // 2
 
 
-class BlipNLVR(nn.Module):
+class BlipNLVR(ImageTextModule):
     def __init__(self, config: BlipConfig):
         super().__init__()
         if config.task != "nlvr":
@@ -41,22 +41,6 @@ class BlipNLVR(nn.Module):
         # PyTorch's default Linear init, as the official head (built outside BertModel's init_weights)
         self.cls_head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 2))
         self.tokenizer = get_tokenizer()
-
-    @property
-    def device(self) -> torch.device:
-        return self.visual_encoder.cls_token.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.visual_encoder.cls_token.dtype
-
-    @property
-    def text_dtype(self) -> torch.dtype:
-        return self.text_encoder.embeddings.word_embeddings.weight.dtype
-
-    def pixels(self, images) -> torch.Tensor:
-        """Paths / PIL images / bytes, or an already-normalised (B, 3, H, W) tensor -> model input."""
-        return prepare_images(images, self.config.vision.image_size, device=self.device, dtype=self.dtype)
 
     def tokenize(self, texts) -> tuple[torch.Tensor, torch.Tensor]:
         """Cleaned sentences, [ENC] first, padded to the longest (the official tokenisation)."""

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..data.annotation import read_json_list
 from ..med import KVCache
 from ..tokenizer import ENC_ID, get_tokenizer, pre_caption
 from ..transform import image_batches
@@ -48,14 +49,7 @@ def load_retrieval_annotation(path: str | Path, image_root: str | Path | None = 
     """Official test format `[{"image": path, "caption": [refs] or str}]` -> (image paths, texts,
     txt2img, img2txt). ValueError / OSError (one line, naming the file) for anything else."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"annotation file not found: {path}") from None
-    except ValueError as e:
-        raise ValueError(f"{path} is not a JSON file: {e}") from None
-    if not isinstance(data, list) or not data:
-        raise ValueError(f"{path}: expected a non-empty JSON list of {{\"image\", \"caption\"}} entries")
+    data = read_json_list(path, "annotation", '{"image", "caption"} entries')
     root = Path(image_root) if image_root else path.parent
     images, texts, txt2img, img2txt = [], [], [], []
     for i, entry in enumerate(data):

@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from ..data.annotation import read_json_list
 from ..transform import image_batches
 from .vqa_normalize import normalize_answer, vqa_accuracy
 
@@ -35,14 +36,7 @@ def load_questions(path, image_root=None) -> list[dict]:
     """Entries {"question_id", "image" (resolved), "question", "answers" (None without), "question_type",
     "answer_type"}; ValueError / OSError naming the file for a bad file, entry or missing image."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise OSError(f"VQA question file not found: {path}") from None
-    except ValueError as e:
-        raise ValueError(f"{path} is not a JSON file: {e}") from None
-    if not isinstance(data, list) or not data:
-        raise ValueError(f"{path}: expected a non-empty JSON list of VQA questions")
+    data = read_json_list(path, "VQA question", "VQA questions")
     out = []
     for k, e in enumerate(data):
         if not isinstance(e, dict) or not isinstance(e.get("question"), str) or not isinstance(e.get("image"), str):

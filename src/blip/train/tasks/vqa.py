@@ -13,7 +13,6 @@ to each file's folder.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ...data.annotation import read_json_list
 from ...tokenizer import DEC_ID, ENC_ID, get_tokenizer, pre_question
 from ...transform import ImageError, TrainTransform
 
@@ -72,15 +72,7 @@ def answer_weights(entry: dict, vg_weight: float = VG_WEIGHT) -> tuple[list[str]
 
 
 def _read(path: str) -> list:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise OSError(f"VQA training file not found: {path}") from None
-    except ValueError as e:
-        raise ValueError(f"{path} is not a JSON file: {e}") from None
-    if not isinstance(data, list) or not data:
-        raise ValueError(f"{path}: expected a non-empty JSON list of VQA entries")
-    return data
+    return read_json_list(path, "VQA training", "VQA entries")
 
 
 class VqaDataset(Dataset):
