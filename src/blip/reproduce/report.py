@@ -268,7 +268,7 @@ def _markdown(report: dict, figures: dict, grid: list[dict]) -> str:
           "| " + " | ".join(t[0]) + " |", "|" + "---|" * len(t[0])]
     md += ["| " + " | ".join(r) + " |" for r in t[1:]]
     md += ["", "Zero-shot retrieval on the test split (ITC + ITM rerank of the top 16); captioning after the same "
-           "short finetune on the clean pairs (greedy-free beam search, pycocoevalcap).", ""]
+           "short finetune on the clean pairs (beam search 3, pycocoevalcap).", ""]
     md += [f"- {x}" for x in _facts(report)]
     for name in figures:
         md += ["", f"![{name}]({name}.png)"]
