@@ -261,7 +261,7 @@ def test_bad_annotations_are_one_clear_error(tmp_path):
     path.write_text(json.dumps(entries))
     with pytest.raises(ValueError, match="entry 1 has label 'maybe'"):
         nlvr_eval.load_annotation(path)
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="not found"):
         nlvr_eval.load_annotation(tmp_path / "missing.json")
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..data.annotation import read_json_list
+
 RULE = "highest accuracy on the dev set, as the official train_nlvr.py"
 __all__ = ["RULE", "Example", "evaluate", "load_annotation", "score"]
 
@@ -32,14 +34,7 @@ def load_annotation(path: str | Path, image_root: str | Path | None = None) -> l
     """The examples of an NLVR2 annotation file; a ValueError naming the file and entry for anything that is
     not one (a caption or VQA file, a label other than "True"/"False", a missing image)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"NLVR2 annotation file not found: {path}") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path} is not a JSON file: {e}") from None
-    if not isinstance(data, list) or not data:
-        raise ValueError(f"{path}: expected a non-empty JSON list of NLVR2 examples")
+    data = read_json_list(path, "NLVR2 annotation", "NLVR2 examples")
     root = Path(image_root) if image_root is not None else path.parent
     out = []
     for i, entry in enumerate(data):

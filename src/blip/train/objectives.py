@@ -292,6 +292,17 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float 
     return _SmoothedCrossEntropy.apply(logits, targets, float(label_smoothing), chunk)
 
 
+def unimodal_features(model, images, ids, mask):
+    """(ViT states, normalised ITC image features, normalised ITC text features), the temperature clamped to
+    [0.001, 0.5] first, as the official pretraining and retrieval forwards begin."""
+    with torch.no_grad():
+        model.temp.clamp_(0.001, 0.5)
+    image_embeds = model.visual_encoder(images)
+    image_feat = F.normalize(model.vision_proj(image_embeds[:, 0]).float(), dim=-1)
+    text_feat = F.normalize(model.text_proj(model.text_encoder(ids, mask, mode="text")[:, 0]).float(), dim=-1)
+    return image_embeds, image_feat, text_feat
+
+
 # ------------------------------------------------------------------------------ the objective
 class PretrainObjective(nn.Module):
     """loss = ITC + ITM + LM over a batch {"image", "input_ids", "attention_mask"} ([CLS] first).
@@ -328,11 +339,7 @@ class PretrainObjective(nn.Module):
         m = self.model
         images, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
         alpha = ramped_alpha(self.alpha, info.epoch, info.step, info.steps_per_epoch, self.alpha_ramp_epochs)
-        with torch.no_grad():
-            m.temp.clamp_(0.001, 0.5)
-        image_embeds = m.visual_encoder(images)
-        image_feat = F.normalize(m.vision_proj(image_embeds[:, 0]).float(), dim=-1)
-        text_feat = F.normalize(m.text_proj(m.text_encoder(ids, mask, mode="text")[:, 0]).float(), dim=-1)
+        image_embeds, image_feat, text_feat = unimodal_features(m, images, ids, mask)
         if self.momentum is not None:
             with torch.no_grad():
                 if info.first_micro_batch:

@@ -28,7 +28,7 @@ from torch import nn
 from ...tokenizer import ENC_ID, get_tokenizer
 from .. import distributed as dist
 from ..objectives import (MomentumTowers, StepInfo, hard_negatives, itc_loss, itm_loss, itm_negative_weights,
-                          itm_states, ramped_alpha)
+                          itm_states, ramped_alpha, unimodal_features)
 
 MODEL_TASK = "retrieval"
 __all__ = ["MODEL_TASK", "Collate", "Objective", "adapt_state_dict", "collate", "train_dataset"]
@@ -99,11 +99,7 @@ class Objective(nn.Module):
         ids, mask = get_tokenizer()(batch["text"], max_length=self.max_length, padding=self.padding)
         ids, mask = ids.to(images.device), mask.to(images.device)
         alpha = ramped_alpha(self.alpha, info.epoch, info.step, info.steps_per_epoch, self.alpha_ramp_epochs)
-        with torch.no_grad():
-            m.temp.clamp_(0.001, 0.5)
-        image_embeds = m.visual_encoder(images)
-        image_feat = F.normalize(m.vision_proj(image_embeds[:, 0]).float(), dim=-1)
-        text_feat = F.normalize(m.text_proj(m.text_encoder(ids, mask, mode="text")[:, 0]).float(), dim=-1)
+        image_embeds, image_feat, text_feat = unimodal_features(m, images, ids, mask)
 
         # ITC: positives are all pairs of the same image, in the batch and in the queue
         with torch.no_grad():
