@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (hf_base_caption, interleave, machine, median, paired_ratio, round_ratios,  # noqa: E402
+from common import (hf_base, hf_base_caption, interleave, machine, median, paired_ratio, round_ratios,  # noqa: E402
                     scratch_dir, write)
 
 import blip  # noqa: E402
@@ -40,15 +40,7 @@ from blip.tokenizer import pre_caption, vocab_path  # noqa: E402
 
 def hf_base_retrieval(image_size: int, seed: int = 1):
     """transformers' BlipForImageTextRetrieval, `base` shapes, random weights, saved where our loader reads it."""
-    from transformers import BlipConfig, BlipForImageTextRetrieval
-    torch.manual_seed(seed)
-    cfg = BlipConfig(text_config=dict(num_attention_heads=12, hidden_dropout_prob=0.0,
-                                      attention_probs_dropout_prob=0.0),
-                     vision_config=dict(image_size=image_size, layer_norm_eps=1e-6, initializer_range=0.02))
-    model = BlipForImageTextRetrieval(cfg).eval()
-    folder = scratch_dir()
-    model.save_pretrained(str(folder))
-    return model, folder
+    return hf_base("BlipForImageTextRetrieval", image_size, seed)
 
 
 def _bert_tokenizer():

@@ -25,18 +25,23 @@ def scratch_dir(prefix: str = "blip-bench-") -> Path:
     return folder
 
 
-def hf_base_caption(image_size: int = 384, seed: int = 0, device: str = "cpu"):
-    """transformers' BlipForConditionalGeneration with `base` shapes and random weights, saved to a
-    folder our loader reads, so both sides run the very same weights; the model is returned on `device`."""
-    from transformers import BlipConfig, BlipForConditionalGeneration
+def hf_base(kind: str = "BlipForConditionalGeneration", image_size: int = 384, seed: int = 0, device: str = "cpu"):
+    """A transformers BLIP model (`kind`: BlipForConditionalGeneration, BlipForImageTextRetrieval, ...) with
+    `base` shapes and random weights, saved to a folder our loader reads, so both sides run the very same
+    weights; the model is returned on `device`."""
+    import transformers
     torch.manual_seed(seed)
-    cfg = BlipConfig(text_config=dict(num_attention_heads=12, hidden_dropout_prob=0.0,
-                                      attention_probs_dropout_prob=0.0),
-                     vision_config=dict(image_size=image_size, layer_norm_eps=1e-6, initializer_range=0.02))
-    model = BlipForConditionalGeneration(cfg).eval()
+    cfg = transformers.BlipConfig(text_config=dict(num_attention_heads=12, hidden_dropout_prob=0.0,
+                                                   attention_probs_dropout_prob=0.0),
+                                  vision_config=dict(image_size=image_size, layer_norm_eps=1e-6, initializer_range=0.02))
+    model = getattr(transformers, kind)(cfg).eval()
     folder = scratch_dir()
     model.save_pretrained(str(folder))
     return model.to(device), folder
+
+
+def hf_base_caption(image_size: int = 384, seed: int = 0, device: str = "cpu"):
+    return hf_base("BlipForConditionalGeneration", image_size, seed, device)
 
 
 def sync() -> None:

@@ -59,3 +59,6 @@ def test_reproduce_quick_end_to_end(tmp_path):
     assert again["rows"] == report["rows"]
     assert {k: v for k, v in again["minutes"].items() if k != "total"} == \
         {k: v for k, v in report["minutes"].items() if k != "total"}  # nothing redone
+    from blip.reproduce import Options, Pipeline
+    Pipeline(Options(corpus=corpus, out=out, quick=True, force=True))  # --force clears every stage, the link too
+    assert not (out / "model").exists() and not (out / "pretrain_none").exists()

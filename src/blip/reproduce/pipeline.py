@@ -89,7 +89,9 @@ class Pipeline:
         if opts.force:
             import shutil
             for child in self.out.iterdir():
-                if child.is_dir():
+                if child.is_symlink():  # out/model points at the first pretrained model
+                    child.unlink()
+                elif child.is_dir():
                     shutil.rmtree(child)
         self.quick = ["max_steps=6", "itc_only_steps=2", "log_interval=1", "batch_size=16"] if opts.quick else []
 
