@@ -213,8 +213,9 @@ DRIVER = textwrap.dedent('''
     from blip.train.config import TrainConfig
     from blip.train.loop import Trainer
     cfg = TrainConfig.load(None, ["task=retrieval", "model=tiny", "image_size=32", f"train_files={sys.argv[4]}",
-                                  "batch_size=2", "queue_size=8", "max_steps=2", "negatives_all_rank=true",
-                                  "progress=false", "ckpt_interval=0", "log_interval=1", "device=cpu"])
+                                  "batch_size=2", "queue_size=8", "steps_per_epoch=2", "negatives_all_rank=true",
+                                  "progress=false", "ckpt_interval=0", "log_interval=1", "device=cpu",
+                                  f"val_file={sys.argv[2]}", 'eval_options={"k_test": 3, "batch_size": 2}'])
     trainer = Trainer(cfg, sys.argv[5])
     trainer.train()
     torch.save({"params": {k: v.detach() for k, v in trainer.model.named_parameters()},
@@ -250,6 +251,12 @@ def test_two_ranks_score_like_one_and_train_with_all_rank_negatives(hf_dirs, tmp
     r0, r1 = (torch.load(tmp_path / "run" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(r0["params"][k], r1["params"][k]) for k in r0["params"])
     assert torch.equal(r0["ids"], r1["ids"]) and (r0["ids"] >= 0).all()
+    # validation ran on both ranks (retrieval splits its work) and scored as one process scores the exported model
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    trained = blip.load(tmp_path / "run" / "model", task="retrieval")
+    one = ev.evaluate(trained, data, k_test=3, batch_size=2)
+    assert best["metrics"].keys() == one.keys()
+    assert all(abs(best["metrics"][k] - one[k]) < 1e-6 for k in one)
 
 
 def test_evaluate_cli_and_bad_files(hf_dirs, tmp_path, capsys):

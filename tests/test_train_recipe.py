@@ -136,6 +136,27 @@ def test_loss_weights_and_easy_itm_negatives_first():
         raise AssertionError("an unknown loss name must be refused")
 
 
+def test_itm_pairs_runs_itm_on_the_first_pairs_only():
+    torch.manual_seed(0)
+    model = blip.create_model("tiny", task="pretrain", device="cpu")
+    batch = tiny_batch(model)
+    o = obj.PretrainObjective(model, queue_size=0, distill=False, itm_hard_from=None, itm_pairs=2).eval()
+    full = obj.PretrainObjective(model, queue_size=0, distill=False, itm_hard_from=None).eval()
+    first = {k: v[:2] for k, v in batch.items()}
+    # two pairs: each one's only uniform negative is the other, so ITM is the same as on a batch of those two
+    got, ref = o(batch, obj.StepInfo(0, 3, 10)), full(first, obj.StepInfo(0, 3, 10))
+    assert torch.allclose(got["loss_itm"], ref["loss_itm"], atol=1e-6)
+    assert not torch.allclose(got["loss_ita"], ref["loss_ita"])  # ITC still sees all four pairs
+    assert math.isclose(got["itm_prior"], ref["itm_prior"])
+    for bad in (dict(itm_pairs=1), dict(itm_pairs=2, negatives_all_rank=True)):
+        try:
+            obj.PretrainObjective(model, queue_size=0, distill=False, **bad)
+        except ValueError as e:
+            assert "itm_pairs" in str(e)
+        else:
+            raise AssertionError(f"{bad} must be refused")
+
+
 def test_clip_init_widens_the_attention_weights_from_scratch():
     from blip.train.init_weights import clip_init
     torch.manual_seed(0)
@@ -146,3 +167,18 @@ def test_clip_init_widens_the_attention_weights_from_scratch():
     assert abs(before - 0.02) < 0.003 and abs(after - 192 ** -0.5) < 0.005
     cross = model.text_encoder.layers[0].crossattention.self.query.weight.std().item()
     assert abs(cross - 192 ** -0.5) < 0.005 and "visual_encoder" in done
+
+
+
+def test_objective_options_keep_a_none_value_but_take_the_tasks_own_defaults():
+    from blip.train.tasks import objective_options
+    cfg = TrainConfig.from_dict(dict(task="pretrain", itm_hard_from=None, distill=False, queue_size=0))
+    opts = objective_options("pretrain", cfg)
+    assert "itm_hard_from" in opts and opts["itm_hard_from"] is None  # None = never mine: passed on as a value
+    assert "alpha_ramp_epochs" not in opts  # left unset: the objective's own default (2)
+    assert "max_length" not in objective_options("caption", TrainConfig.from_dict(dict(task="caption")))
+    retrieval = objective_options("retrieval", TrainConfig.from_dict(dict(task="retrieval")))
+    assert "max_length" not in retrieval and "alpha_ramp_epochs" not in retrieval  # 35 and 1, the official values
+    set_ = objective_options("retrieval", TrainConfig.from_dict(dict(task="retrieval", max_length=20,
+                                                                     alpha_ramp_epochs=3)))
+    assert set_["max_length"] == 20 and set_["alpha_ramp_epochs"] == 3

@@ -350,6 +350,28 @@ def test_train_transform_is_crop_resize_flip_in_that_order():
         assert torch.equal(out, normalize(to_tensor(ref)))
 
 
+def test_train_transform_cache_gives_the_uncached_pixels_and_stays_bounded(tmp_path):
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(noise(96, 90 + 10 * i, seed=i)).save(paths[-1])
+    cached = TrainTransform(32, min_scale=1.0, randaugment=True, hflip=True)
+    plain = TrainTransform(32, min_scale=1.0, randaugment=True, hflip=True, cache_bytes=0)
+    for epoch in range(3):  # the second and third epochs come from the cache
+        for i, p in enumerate(paths):
+            g = [epoch, i]
+            assert torch.equal(cached(p, generator=np.random.default_rng(g)), plain(p, generator=np.random.default_rng(g)))
+    assert cached._cached_bytes == 4 * 32 * 32 * 3 and not plain._cache
+    small = TrainTransform(32, min_scale=1.0, cache_bytes=2 * 32 * 32 * 3)
+    for p in paths:
+        small(p, generator=0)
+    assert small._cached_bytes == 2 * 32 * 32 * 3  # full: the rest is decoded every time
+    assert TrainTransform(32, min_scale=0.5).cache_bytes == 0  # random crops never repeat: no cache
+    paths[0].write_bytes(b"not an image")  # a cached file's pixels stay what was read; uncached files fail
+    with pytest.raises(ImageError):
+        plain(paths[0], generator=0)
+
+
 # -----------------------------------------------------------------------------
 # RandomAugment ops (semantics of the official cv2 implementation)
 

@@ -324,7 +324,8 @@ class TrainTransform:
     Randomness comes only from `generator` (see _as_generator), drawn in the same
     order as the official code: crop, flip, then the augmentation ops."""
 
-    def __init__(self, image_size: int, min_scale: float = 0.5, randaugment: bool = True, hflip: bool = True):
+    def __init__(self, image_size: int, min_scale: float = 0.5, randaugment: bool = True, hflip: bool = True,
+                 cache_bytes: int = 512 << 20):
         if int(image_size) <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         if not 0.0 < min_scale <= 1.0:
@@ -334,15 +335,36 @@ class TrainTransform:
         self.ratio = (3.0 / 4.0, 4.0 / 3.0)
         self.randaugment = RandomAugment(2, 5, BLIP_AUGS) if randaugment else None
         self.hflip = hflip  # off for data whose captions say left/right (the draw is still made)
+        # With min_scale 1 the crop is the whole image (up to rounding), so a file's decoded, cropped and
+        # resized pixels repeat every epoch: they are kept, up to cache_bytes, keyed by (path, crop box).
+        # Decoding and resizing are most of a small image's loading time, which a CPU step waits for.
+        self.cache_bytes = cache_bytes if min_scale == 1.0 else 0
+        self._cache: dict = {}
+        self._cached_bytes = 0
 
     def __call__(self, img_or_path, generator=None):
         rng = _as_generator(generator)
-        img = load_image(img_or_path)
-        left, top, w, h = random_resized_crop_params(img.size[0], img.size[1], self.scale, self.ratio, rng)
-        with _pillow_limit_lifted(w * h):  # Image.crop applies Pillow's bomb guard too
-            img = img.crop((left, top, left + w, top + h))
-        s = self.image_size
-        img = img.resize((s, s), BICUBIC)
+        path = os.fspath(img_or_path) if self.cache_bytes and isinstance(img_or_path, (str, os.PathLike)) else None
+        size = self._cache.get(path)
+        img = None
+        if size is None:
+            img = load_image(img_or_path)
+            size = img.size
+        left, top, w, h = random_resized_crop_params(size[0], size[1], self.scale, self.ratio, rng)
+        key = (path, left, top, w, h)
+        cached = self._cache.get(key) if path is not None else None
+        if cached is not None:
+            img = cached
+        else:
+            if img is None:
+                img = load_image(img_or_path)
+            with _pillow_limit_lifted(w * h):  # Image.crop applies Pillow's bomb guard too
+                img = img.crop((left, top, left + w, top + h))
+            s = self.image_size
+            img = img.resize((s, s), BICUBIC)
+            if path is not None and self._cached_bytes + s * s * 3 <= self.cache_bytes:
+                self._cache[path], self._cache[key] = size, img
+                self._cached_bytes += s * s * 3
         if rng.random() < 0.5 and self.hflip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.randaugment is not None:

@@ -44,7 +44,8 @@ class TrainConfig:
     randaugment: bool = True
     hflip: bool = True                     # random horizontal flip (official); off when captions say left/right
     max_words: int = 30
-    max_length: int = 30
+    max_length: int | None = None          # text truncation in tokens; None: the task's (pretrain 30, caption 40,
+    #                                        retrieval 35: the official values)
     text_padding: str = "longest"          # or "max_length" (official; forced with negatives_all_rank)
     batch_size: int = 4                    # per rank, per micro-batch
     num_workers: int = 0
@@ -69,7 +70,7 @@ class TrainConfig:
     queue_size: int = 57600
     queue_init: str = "empty"              # "empty": unwritten slots left out; "random": official unit vectors
     alpha: float = 0.4
-    alpha_ramp_epochs: float = 2.0
+    alpha_ramp_epochs: float | None = None  # None: the task's (pretrain 2, retrieval 1: official)
     momentum: float = 0.995
     negatives_all_rank: bool = False
     label_smoothing: float = 0.1
@@ -78,6 +79,7 @@ class TrainConfig:
     #                                        this step; None: always uniform
     itm_swap_from: int = 0                 # word-swap ITM negatives (itm_swap_words) from this step on
     itc_only_steps: int = 0                # first N optimizer steps train ITC alone (ITM and LM not computed)
+    itm_pairs: int | None = None           # ITM on the first N pairs of each batch only (None: all, official)
     distill: bool = True                   # momentum towers + distilled ITC targets (official); False: in-batch
     #                                        InfoNCE on the online features (needs queue_size 0)
     itm_swap_words: Any = None             # ITM negatives: each caption with one word of a group replaced by

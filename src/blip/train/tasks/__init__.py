@@ -26,12 +26,18 @@ def task_module(task: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{task}")
 
 
+TASK_DEFAULT_KEYS = ("max_length", "alpha_ramp_epochs")  # TrainConfig's None here means "the task's default"
+
+
 def objective_options(task: str, cfg) -> dict:
-    """The Objective's keyword arguments that TrainConfig has a key of the same name for, then
-    `cfg.task_options` on top."""
+    """The Objective's keyword arguments that TrainConfig has a key of the same name for (except a
+    TASK_DEFAULT_KEYS key left at None), then `cfg.task_options` on top."""
     params = inspect.signature(task_module(task).Objective.__init__).parameters
     fields = {f.name for f in dataclasses.fields(cfg)}
-    options = {k: getattr(cfg, k) for k in params if k in fields and k not in ("self", "model")}
+    # these keys left at None take the objective's own default (max_length: caption 40, retrieval 35); any other
+    # None is passed on as a value (itm_hard_from=None: never mine ITM negatives)
+    options = {k: getattr(cfg, k) for k in params if k in fields and k not in ("self", "model")
+               and not (k in TASK_DEFAULT_KEYS and getattr(cfg, k) is None)}
     unknown = set(cfg.task_options) - set(params)
     if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         raise ValueError(f"task_options {sorted(unknown)} are not options of the {task} objective "
