@@ -27,7 +27,7 @@ def test_filter_stats_precision_recall():
     assert s["auc_by_kind"]["short"] == 1.0 and s["auc_by_kind"]["swapped"] == 0.5
 
 
-def test_reproduce_quick_end_to_end(tmp_path):
+def test_reproduce_quick_end_to_end(tmp_path, capsys):
     from blip.data.synth import generate_corpus
     from blip.reproduce import reproduce
     corpus = tmp_path / "corpus"
@@ -53,6 +53,13 @@ def test_reproduce_quick_end_to_end(tmp_path):
     kept = json.loads((out / "data" / "capfilt.json").read_text())  # the capfilt row's web side: what was kept
     assert len(kept) == sum(r["kept"] for r in audit) and all(Path(k["image"]).is_file() for k in kept)
     assert (out / "model" / "config.json").exists()  # the first pretrained model, where the configs look
+    from blip.reproduce.cli import _print_pretraining_targets  # what `make demo` prints at its end
+    capsys.readouterr()
+    _print_pretraining_targets(report, out)
+    printed = capsys.readouterr().out
+    for line in ("pretraining minutes", "ITM one-attribute accuracy %", "zero-shot IR@1 % (ITC)",
+                 "captions: one-object images right %", "filter AUC", "captioner names"):
+        assert line in printed, printed
     # a second run reuses every stage
     again = reproduce(corpus, out, rows=("none", "capfilt"), quick=True, progress=False,
                       caption_scorers=("bleu", "cider"))

@@ -22,7 +22,31 @@ def cmd_reproduce(args) -> int:
                                                       "cider": r["caption"].get("cider")} for r in report["rows"]],
                       "filter_auc": report.get("filter", {}).get("auc"), "minutes": report["minutes"]}))
     print(f"blip reproduce: report in {Path(args.out) / 'report.html'}")
+    _print_pretraining_targets(report, Path(args.out))
     return 0
+
+
+def _print_pretraining_targets(report: dict, out: Path) -> None:
+    """What the first pretraining learnt, against the targets of the embedded default (our corpus only)."""
+    probe = report.get("pretrained")
+    if not probe:
+        return
+    from ..demo import itm_loss_and_prior, print_targets, targets
+    from ..train.plots import read_log
+    log = out / "pretrain_none" / "log.jsonl"
+    loss, prior = itm_loss_and_prior(read_log(log)) if log.exists() else (None, None)
+    print("blip reproduce: the first pretraining against the embedded default's targets "
+          f"(loss curves in {out / 'report.html'}):")
+    print_targets(targets(probe, report["minutes"].get("pretrain_none"), loss, prior), probe, indent="  ")
+    cap = report.get("captioner", {}).get("attribute_accuracy")
+    flt = report.get("filter", {}).get("auc")
+    if flt is not None:
+        print(f"  filter AUC against the noise labels {flt:.3f} (target 0.95)")
+    if cap is not None:
+        print(f"  captioner names the main object's colour and shape in {cap:.1f}% of web images (target 80)")
+    total = report["minutes"].get("total")
+    if total is not None:
+        print(f"  pipeline minutes {total:.1f} (make demo target 20 with the venv)")
 
 
 def add_cli(subparsers):
