@@ -336,8 +336,9 @@ class TrainTransform:
         self.randaugment = RandomAugment(2, 5, BLIP_AUGS) if randaugment else None
         self.hflip = hflip  # off for data whose captions say left/right (the draw is still made)
         # With min_scale 1 the crop is the whole image (up to rounding), so a file's decoded, cropped and
-        # resized pixels repeat every epoch: they are kept, up to cache_bytes, keyed by (path, crop box).
-        # Decoding and resizing are most of a small image's loading time, which a CPU step waits for.
+        # resized pixels repeat every epoch: they are kept, up to cache_bytes, as path -> (size, crop box,
+        # pixels); another box for that file is decoded again. Decoding and resizing are most of a small
+        # image's loading time, which a CPU step waits for.
         self.cache_bytes = cache_bytes if min_scale == 1.0 else 0
         self._cache: dict = {}
         self._cached_bytes = 0
@@ -345,25 +346,21 @@ class TrainTransform:
     def __call__(self, img_or_path, generator=None):
         rng = _as_generator(generator)
         path = os.fspath(img_or_path) if self.cache_bytes and isinstance(img_or_path, (str, os.PathLike)) else None
-        size = self._cache.get(path)
-        img = None
+        size, cached_box, img = self._cache.get(path) or (None, None, None)
         if size is None:
             img = load_image(img_or_path)
             size = img.size
-        left, top, w, h = random_resized_crop_params(size[0], size[1], self.scale, self.ratio, rng)
-        key = (path, left, top, w, h)
-        cached = self._cache.get(key) if path is not None else None
-        if cached is not None:
-            img = cached
-        else:
-            if img is None:
+        box = random_resized_crop_params(size[0], size[1], self.scale, self.ratio, rng)
+        if box != cached_box:
+            if cached_box is not None:  # a rare other crop of a cached file
                 img = load_image(img_or_path)
+            left, top, w, h = box
             with _pillow_limit_lifted(w * h):  # Image.crop applies Pillow's bomb guard too
                 img = img.crop((left, top, left + w, top + h))
             s = self.image_size
             img = img.resize((s, s), BICUBIC)
-            if path is not None and self._cached_bytes + s * s * 3 <= self.cache_bytes:
-                self._cache[path], self._cache[key] = size, img
+            if path is not None and cached_box is None and self._cached_bytes + s * s * 3 <= self.cache_bytes:
+                self._cache[path] = (size, box, img)
                 self._cached_bytes += s * s * 3
         if rng.random() < 0.5 and self.hflip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

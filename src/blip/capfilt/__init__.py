@@ -9,14 +9,10 @@ the new pretraining set.
 or `blip capfilt --captioner M --filter M --data SRC --out DIR` (docs/capfilt.md). Names are imported
 on first use, so registering the command does not load the pipeline.
 """
-import importlib
+from .._lazy import lazy_exports
 
 _EXPORTS = {"Options": "pipeline", "bootstrap": "pipeline", "caption_seed": "pipeline",
             "filter_scores": "pipeline", "synthetic_captions": "pipeline", "add_cli": "cli"}
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -131,10 +131,11 @@ class ResumableSampler(DistributedSampler):
 
 class Collate:
     """Stack images, tokenise texts ([CLS] first, cut at max_length; padded to the longest text, which
-    gives the same losses as the official max_length padding for less compute), drop bad items."""
+    gives the same losses as the official max_length padding for less compute), drop bad items.
+    max_length None: the official pretraining truncation, 30 tokens."""
 
-    def __init__(self, max_length: int = 30, padding: str = "longest"):
-        self.max_length, self.padding = max_length, padding
+    def __init__(self, max_length: int | None = None, padding: str = "longest"):
+        self.max_length, self.padding = max_length or 30, padding
 
     def __call__(self, items: list) -> dict:
         items = [it for it in items if it is not None]
@@ -172,7 +173,7 @@ def make_loader(dataset, cfg, rank: int, world: int, epoch: int, skip_batches: i
     collate_fn: the task's (default: pretraining's tokenising Collate)."""
     g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # worker seeds: not the global RNG
     common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                  collate_fn=collate_fn or Collate(cfg.max_length or 30, cfg.text_padding),
+                  collate_fn=collate_fn or Collate(cfg.max_length, cfg.text_padding),
                   generator=g, drop_last=True, persistent_workers=False)
     if isinstance(dataset, IterableDataset):
         if hasattr(dataset, "set_epoch"):

@@ -5,7 +5,6 @@ from ..data import Collate, build_dataset
 from ..objectives import PretrainObjective as Objective
 
 MODEL_TASK = "pretrain"
-PRETRAIN_MAX_LENGTH = 30  # the official pretraining truncation (BLIP_Pretrain, max_length=30)
 __all__ = ["MODEL_TASK", "Objective", "collate", "train_dataset"]
 
 
@@ -14,4 +13,4 @@ def train_dataset(cfg, image_size: int, rank: int = 0, world: int = 1):
 
 
 def collate(cfg):
-    return Collate(cfg.max_length or PRETRAIN_MAX_LENGTH, cfg.text_padding)
+    return Collate(cfg.max_length, cfg.text_padding)
