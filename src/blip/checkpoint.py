@@ -415,7 +415,8 @@ def save_blip(model, folder: str | Path) -> Path:
 def save_official(model, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: t.detach().cpu() for k, t in model.state_dict().items()}
+    from .vocab import untrimmed_state_dict
+    sd = untrimmed_state_dict(model, {k: t.detach().cpu() for k, t in model.state_dict().items()})
     torch.save({"model": sd}, str(path))
     return path
 
@@ -425,7 +426,8 @@ def save_hf(model, folder: str | Path) -> Path:
     config = config_to_hf(model.config)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sd = {official_to_hf(k): v for k, v in _dedupe(model).items()}
+    from .vocab import untrimmed_state_dict
+    sd = {official_to_hf(k): v for k, v in untrimmed_state_dict(model, _dedupe(model)).items()}
     save_file(sd, str(folder / WEIGHTS), metadata={"format": "pt"})
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return folder

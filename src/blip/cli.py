@@ -220,7 +220,8 @@ def cmd_info(args) -> int:
         v, t = model.config.vision, model.config.text
         print(f"task        {model.config.task}")
         print(f"vision      ViT {v.width}w x {v.depth} layers, {v.heads} heads, patch {v.patch_size}, {v.image_size}px")
-        print(f"text        {t.width}w x {t.depth} layers, {t.heads} heads, ffn {t.ffn}, vocab {t.vocab_size}")
+        print(f"text        {t.width}w x {t.depth} layers, {t.heads} heads, ffn {t.ffn}, vocab {t.vocab_size}"
+              + (f" (trimmed: {len(t.vocab_ids)} kept)" if t.vocab_ids is not None else ""))
         if model.config.task == "nlvr":
             from blip.nlvr import merge_from
             print(f"nlvr        two cross-attentions per text layer, one per image: averaged below layer "

@@ -51,6 +51,14 @@ class TextConfig:
     attention_dropout: float = 0.1
     cross_width: int | None = None  # K/V input width of cross-attention; None = the vision width
     activation: str = "gelu"
+    # a trimmed vocabulary (blip.vocab): the token ids, sorted, that the word embeddings and the LM head keep,
+    # one row each; other ids read as [UNK] and are never generated. None = all vocab_size ids
+    vocab_ids: list[int] | None = None
+
+    @property
+    def rows(self) -> int:
+        """Rows of the word embeddings and the LM head."""
+        return self.vocab_size if self.vocab_ids is None else len(self.vocab_ids)
 
 
 @dataclass
@@ -75,6 +83,13 @@ class BlipConfig:
                     raise ValueError(f"{name}.{f.name} must be >= {least}, got {value}")
             if tower.width % tower.heads:
                 raise ValueError(f"{name}.width {tower.width} is not a multiple of {name}.heads {tower.heads}")
+        ids = self.text.vocab_ids
+        if ids is not None:
+            from .tokenizer import PAD_ID, UNK_ID
+            if ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= self.text.vocab_size:
+                raise ValueError(f"text.vocab_ids must be sorted distinct ids in [0, {self.text.vocab_size})")
+            if PAD_ID not in ids or UNK_ID not in ids:
+                raise ValueError(f"text.vocab_ids must keep [PAD] ({PAD_ID}) and [UNK] ({UNK_ID})")
         if self.vision.image_size % self.vision.patch_size:
             raise ValueError("vision.image_size must be a multiple of vision.patch_size")
         if self.embed_dim < 1:

@@ -275,20 +275,36 @@ class _Embedding(nn.Embedding):
             super().reset_parameters()
 
 
+def _id_rows(cfg: TextConfig) -> torch.Tensor | None:
+    """Token id -> row of a trimmed vocabulary (None when it is not trimmed). On the CPU even while the
+    model is built on the meta device: a non-persistent buffer is never loaded from a checkpoint."""
+    if cfg.vocab_ids is None:
+        return None
+    from .tokenizer import UNK_ID
+    ids = torch.tensor(cfg.vocab_ids, dtype=torch.long, device="cpu")
+    rows = torch.full((cfg.vocab_size,), cfg.vocab_ids.index(UNK_ID), dtype=torch.long, device="cpu")
+    rows[ids] = torch.arange(len(ids), device="cpu")
+    return rows
+
+
 class Embeddings(nn.Module):
     """Word + absolute position embeddings (no token types), LayerNorm, dropout."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.word_embeddings = _Embedding(cfg.vocab_size, cfg.width, padding_idx=0)
+        self.word_embeddings = _Embedding(cfg.rows, cfg.width, padding_idx=0)
         self.position_embeddings = _Embedding(cfg.max_positions, cfg.width)
         self.LayerNorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.dropout = Dropout(cfg.dropout)
+        # a trimmed vocabulary: token id -> embedding row; ids it lacks read as [UNK]
+        self.register_buffer("id_rows", _id_rows(cfg), persistent=False)
 
     def forward(self, input_ids, offset: int = 0):
         t = input_ids.shape[1]
         if offset + t > self.position_embeddings.num_embeddings:
             raise ValueError(f"text of {offset + t} tokens exceeds the {self.position_embeddings.num_embeddings} positions")
+        if self.id_rows is not None:
+            input_ids = self.id_rows[input_ids]
         pos = torch.arange(offset, offset + t, device=input_ids.device)
         x = self.word_embeddings(input_ids) + self.position_embeddings(pos)
         return self.dropout(self.LayerNorm(x))
@@ -417,8 +433,8 @@ class Predictions(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.transform = PredictionTransform(cfg)
-        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
-        self.decoder = packed.Linear(cfg.width, cfg.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(cfg.rows))
+        self.decoder = packed.Linear(cfg.width, cfg.rows, bias=False)
         self.decoder.bias = self.bias
 
     def forward(self, x):
@@ -426,12 +442,32 @@ class Predictions(nn.Module):
 
 
 class _LMHead(nn.Module):
+    """`forward`: logits over every token id. `rows` and `target_rows`: the head's own rows, which is what a
+    loss should use — the same thing unless the vocabulary is trimmed, when they skip the ids it lacks."""
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.predictions = Predictions(cfg)
+        self.vocab_size = cfg.vocab_size
+        ids = None if cfg.vocab_ids is None else torch.tensor(cfg.vocab_ids, dtype=torch.long, device="cpu")
+        self.register_buffer("row_ids", ids, persistent=False)  # row -> token id
+        self.register_buffer("id_rows", _id_rows(cfg), persistent=False)
+
+    def rows(self, x):
+        return self.predictions(x)
+
+    def target_rows(self, targets: torch.Tensor) -> torch.Tensor:
+        """Token-id targets as row targets (-100, ignored, stays -100); an id the vocabulary lacks is [UNK]'s row."""
+        if self.id_rows is None:
+            return targets
+        return torch.where(targets < 0, targets, self.id_rows[targets.clamp(min=0)])
 
     def forward(self, x):
-        return self.predictions(x)
+        logits = self.predictions(x)
+        if self.row_ids is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.row_ids, logits)
 
 
 class TextDecoder(nn.Module):
@@ -452,8 +488,9 @@ class TextDecoder(nn.Module):
                 label_smoothing: float = 0.1, reduction: str = "mean") -> torch.Tensor:
         """Shifted next-token cross-entropy, pads ignored, the first prompt_length targets ignored.
         reduction="none" sums per sequence (the official VQA/rank scoring)."""
-        logits = self(input_ids, attention_mask, encoder_states, encoder_mask)[:, :-1]
-        targets = input_ids.masked_fill(attention_mask == 0, -100)[:, 1:].clone()
+        hidden = self.bert(input_ids, attention_mask, encoder_states, encoder_mask, mode="causal")
+        logits = self.cls.rows(hidden)[:, :-1]
+        targets = self.cls.target_rows(input_ids.masked_fill(attention_mask == 0, -100)[:, 1:])
         if prompt_length:
             targets[:, : prompt_length - 1] = -100
         loss = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100,

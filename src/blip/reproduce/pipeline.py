@@ -135,9 +135,18 @@ class Pipeline:
     def pretrain(self, name: str, files: list[Path]) -> Path:
         folder = self.out / name
         if not _done(folder):
-            self._stage(name, lambda: _train(self.o.pretrain_config, folder,
-                                              [_files(files)] + self.o.pretrain_overrides + self.quick, self.o))
+            overrides = [_files(files)] + self._vocab() + self.o.pretrain_overrides + self.quick
+            self._stage(name, lambda: _train(self.o.pretrain_config, folder, overrides, self.o))
         return folder / "model"
+
+    def _vocab(self) -> list[str]:
+        """A config that trims the vocabulary (vocab_from) gets this corpus's train files: its texts are
+        what every model of the pipeline reads and writes."""
+        from ..train.config import TrainConfig
+        from ..vocab import corpus_files
+        if TrainConfig.load(self.o.pretrain_config, self.o.pretrain_overrides).vocab_from is None:
+            return []
+        return ["vocab_from=" + json.dumps([str(p.resolve()) for p in corpus_files(self.o.corpus)])]
 
     def finetune(self, name: str, config: Path, init: Path, extra: list[str] = (), validate: bool = True) -> Path:
         """A finetune on the clean pairs from `init`; with `validate`, the best epoch on val.json (else the

@@ -28,6 +28,8 @@ class TrainConfig:
     #                                        .pth, HF folder or hub id, our folder): the task's parts are loaded
     init_scheme: str = "official"          # from-scratch init: "official" (timm / BERT, std 0.02) or "clip"
     #                                        (CLIP's larger ViT and attention query/key init: train/init_weights)
+    vocab_from: list[str] | None = None    # keep only the tokens these JSON annotation files use (and the special
+    #                                        tokens) in the text embeddings and LM head (blip.vocab). None: all
     # data
     train_files: list[str] = field(default_factory=list)  # JSON lists of {"image", "caption"}
     image_root: str | dict[str, str] | None = None  # or per dataset: {"vqa": folder, "vg": folder} (VQA)
@@ -97,6 +99,8 @@ class TrainConfig:
             self.shards = [self.shards]
         if isinstance(self.train_files, str):
             self.train_files = [self.train_files]
+        if isinstance(self.vocab_from, str):
+            self.vocab_from = [self.vocab_from]
         check_types(self)
         counts = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "seed"}
         negative = [k for k, v in counts.items() if type(v) is int and v < 0]

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from .. import vocab
 from ..checkpoint import CheckpointError
 from ..model import Blip
 from . import distributed as dist
@@ -248,6 +249,7 @@ class Trainer:
         model = self.task.build_model(model_config) if hasattr(self.task, "build_model") else Blip(model_config)
         self.init_report = self._init_weights(model, init[1] if init else None)
         del init
+        model = self._vocabulary(model)
         self.objective = objective_fn(cfg, model).to(self.device)
         self.model = model
         self.collate = self.task.collate(cfg)
@@ -321,6 +323,23 @@ class Trainer:
             for part, r in report.items():
                 print(f"blip: {part} init: {summary(r)}", flush=True)
         return report
+
+    def _vocabulary(self, model):
+        """Trimmed to `vocab_from`'s tokens; for a model trimmed before, a warning when the training text
+        has tokens it lacks (they read as [UNK])."""
+        cfg = self.cfg
+        if cfg.vocab_from:
+            build = getattr(self.task, "build_model", None)
+            model = vocab.trim(model, vocab.corpus_token_ids(cfg.vocab_from), build=build)
+            if self.main:
+                print(f"blip: vocabulary trimmed to the {len(model.config.text.vocab_ids)} tokens of "
+                      f"{', '.join(cfg.vocab_from)}", flush=True)
+        elif model.config.text.vocab_ids is not None and cfg.train_files and self.main:
+            share = vocab.unknown_share(model.config, vocab.corpus_texts(cfg.train_files))
+            if share > 0:
+                print(f"blip: warning: the model's trimmed vocabulary lacks {100 * share:.2f}% of the training "
+                      "text's tokens; they read as [UNK]", flush=True)
+        return model
 
     # -------------------------------------------------------------- checkpoints
     def state(self) -> dict:

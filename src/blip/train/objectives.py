@@ -427,4 +427,4 @@ class PretrainObjective(nn.Module):
         hidden = dec.bert(dec_ids, mask, mode="causal", cache=KVCache(kv, None))
         targets = shifted_targets(dec_ids, mask)
         keep = targets != -100  # the LM head only runs where there is a target
-        return lm_loss(dec.cls(hidden[:, :-1][keep]), targets[keep], self.label_smoothing)
+        return lm_loss(dec.cls.rows(hidden[:, :-1][keep]), dec.cls.target_rows(targets[keep]), self.label_smoothing)

@@ -46,7 +46,7 @@ class Objective(nn.Module):
         hidden = dec.bert(ids, mask, image_embeds, mode="causal")
         targets = shifted_targets(ids, mask, self.prompt_length)
         keep = targets != -100  # the LM head only runs where there is a target
-        loss = lm_loss(dec.cls(hidden[:, :-1][keep]), targets[keep], self.label_smoothing)
+        loss = lm_loss(dec.cls.rows(hidden[:, :-1][keep]), dec.cls.target_rows(targets[keep]), self.label_smoothing)
         return {"loss": loss, "loss_lm": loss.detach()}
 
 
