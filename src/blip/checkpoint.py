@@ -142,7 +142,15 @@ def config_from_hf(data: dict) -> BlipConfig:
                       task=_HF_TASKS[arch], label_smoothing=data.get("label_smoothing", 0.0) or 0.1)
 
 
+def _official_layout(config: BlipConfig, where: str) -> None:
+    v = config.vision
+    if v.stem != "patch" or v.pool != "cls":
+        raise CheckpointError(f"{where} has no convolutional stem or max pooling (vision.stem={v.stem!r}, "
+                              f"vision.pool={v.pool!r}): save this model in blip's own format (save_blip)")
+
+
 def config_to_hf(config: BlipConfig) -> dict:
+    _official_layout(config, "transformers' BLIP")
     arch = {v: k for k, v in _HF_TASKS.items()}.get(config.task)
     if arch is None:
         raise CheckpointError(f"transformers has no class for a '{config.task}' model; convert a caption, "
@@ -413,6 +421,7 @@ def save_blip(model, folder: str | Path) -> Path:
 
 
 def save_official(model, path: str | Path) -> Path:
+    _official_layout(model.config, "the official BLIP code")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     from .vocab import untrimmed_state_dict

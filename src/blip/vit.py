@@ -1,7 +1,8 @@
 """The ViT image encoder (timm layout, as the official checkpoints store it).
 
 Pre-norm blocks, fused qkv with bias, no classification head: the output is every token after the
-final LayerNorm, which is what the text side cross-attends to.
+final LayerNorm, which is what the text side cross-attends to. Two options for small models trained from
+scratch (VisionConfig.stem, .pool; official: "patch", "cls") are not in the official code.
 """
 from __future__ import annotations
 
@@ -55,6 +56,27 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class ConvStem(nn.Module):
+    """The patch grid from 3x3 convolutions (VisionConfig.stem="conv"): a stride-2 convolution, then per
+    further halving a convolution and 2x2 max pooling (BatchNorm and ReLU after each), then a 3x3
+    convolution to the width. Why: a from-scratch ViT on a few thousand images learnt colours in ~100 steps
+    but not shapes in 1200 (supervised, docs/pretraining_synthetic.md); a linear patch map sees a shape's
+    fragment at a different offset in every image, a convolution with pooling sees the same edges."""
+
+    def __init__(self, patch_size: int, width: int):
+        super().__init__()
+        halvings = patch_size.bit_length() - 1
+        channels = [max(8, width // 6) * 2 ** k for k in range(halvings)]
+        layers: list[nn.Module] = [nn.Conv2d(3, channels[0], 3, 2, 1, bias=False), nn.BatchNorm2d(channels[0]), nn.ReLU()]
+        for a, b in zip(channels, channels[1:]):
+            layers += [nn.Conv2d(a, b, 3, 1, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(), nn.MaxPool2d(2)]
+        layers.append(nn.Conv2d(channels[-1], width, 3, 1, 1))
+        self.stem = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.stem(x).flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -114,7 +136,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_size = cfg.patch_size
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width)
+        self.patch_embed = (ConvStem if cfg.stem == "conv" else PatchEmbed)(cfg.patch_size, cfg.width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.width))
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
@@ -152,4 +174,7 @@ class VisionTransformer(nn.Module):
         x = x + self.position_table(x.shape[1] - 1)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        x = self.norm(x)
+        if self.cfg.pool == "max":
+            x = torch.cat([x[:, 1:].amax(1, keepdim=True), x[:, 1:]], dim=1)
+        return x
