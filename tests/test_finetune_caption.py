@@ -14,7 +14,7 @@ from blip.eval import caption as ecap
 from blip.tokenizer import DEC_ID
 from blip.train.config import TrainConfig
 from blip.train.loop import Trainer
-from blip.train.tasks import build_objective
+from blip.train import build_objective  # the public name (blip.train.tasks holds it)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

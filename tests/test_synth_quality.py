@@ -32,11 +32,13 @@ def test_bindings_and_caption_scoring():
     assert bindings("a circle colored red") == {("red", "circle")}
     one = _scene([_obj("circle", "red")])
     assert caption_correct("a small red circle on a gray background", one) == \
-        {"scored": "single", "correct": True, "strict": True}
+        {"scored": "single", "correct": True, "strict": True, "target": "large red circle"}
     assert caption_correct("a red square", one)["correct"] is False
-    assert caption_correct("a red circle and a blue star", one) == {"scored": "single", "correct": True, "strict": False}
+    assert caption_correct("a red circle and a blue star", one) == \
+        {"scored": "single", "correct": True, "strict": False, "target": "large red circle"}
     two = _scene([_obj("star", "blue", "small", "left"), _obj("circle", "red", "large", "right")])
     assert caption_correct("a blue star and a red circle", two)["correct"] is True
+    assert caption_correct("a blue star", two)["target"] == "large red circle"  # the larger object counts
     assert caption_correct("a red star and a blue circle", two)["correct"] is False  # colours bound wrongly
     same_size = _scene([_obj("star", "blue"), _obj("circle", "red", position="left")])
     assert caption_correct("anything", same_size) == {"scored": None}

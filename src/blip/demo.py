@@ -55,7 +55,8 @@ def print_targets(rows: list[tuple], quality: dict, indent: str = "      ") -> N
     print(f"{indent}ITM accuracy by attribute: {quality['itm_by_attribute']}")
     print(f"{indent}retrieval with the ITM rerank (k 16): {quality.get('retrieval_itm')}")
     for ex in quality["caption_examples"][:3]:
-        print(f"{indent}{ex['image']}: {ex['caption']!r}  ({'right' if ex['correct'] else 'wrong'} colour and shape)")
+        verdict = "names its colour and shape" if ex["correct"] else "misses its colour or shape"
+        print(f"{indent}{ex['image']}: {ex['caption']!r}  (the {ex.get('truth', 'object')}: {verdict})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -61,9 +61,9 @@ class PatchEmbed(nn.Module):
 class ConvStem(nn.Module):
     """The patch grid from 3x3 convolutions (VisionConfig.stem="conv"): a stride-2 convolution, then per
     further halving a convolution and 2x2 max pooling (BatchNorm and ReLU after each), then a 3x3
-    convolution to the width. Why: a from-scratch ViT on a few thousand images learnt colours in ~100 steps
-    but not shapes in 1200 (supervised, docs/pretraining_synthetic.md); a linear patch map sees a shape's
-    fragment at a different offset in every image, a convolution with pooling sees the same edges."""
+    convolution to the width. Why: a linear patch map sees a shape's fragment at a different offset in every
+    image, a convolution with pooling sees the same edges; a from-scratch ViT on a few thousand images learns
+    colours in ~100 steps but not shapes (benchmarks/vision_probe.py compares the towers)."""
 
     def __init__(self, patch_size: int, width: int):
         super().__init__()

@@ -99,7 +99,8 @@ def caption_correct(caption: str, scene: dict) -> dict:
     named = (target["color"], target["shape"]) in bindings(caption)
     words = set(_WORD.findall(caption.lower()))
     foreign = (words & set(COLORS)) - {o["color"] for o in objs} or (words & set(SHAPES)) - {o["shape"] for o in objs}
-    return {"scored": "single" if len(objs) == 1 else "two_larger", "correct": named, "strict": named and not foreign}
+    return {"scored": "single" if len(objs) == 1 else "two_larger", "correct": named, "strict": named and not foreign,
+            "target": f"{target['size']} {target['color']} {target['shape']}"}
 
 
 def _load_corpus(corpus: str | Path) -> tuple[Path, list[dict]]:
@@ -140,7 +141,7 @@ def caption_attributes(model, corpus, tests, limit: int | None = None, batch_siz
         c = caption_correct(cap, t["scene"])
         result[c["scored"]].append(c)
         if len(examples) < 6:
-            examples.append({"image": t["image"], "caption": cap, "correct": c["correct"]})
+            examples.append({"image": t["image"], "caption": cap, "correct": c["correct"], "truth": c["target"]})
 
     def rate(items, key):
         return 100.0 * sum(c[key] for c in items) / len(items) if items else float("nan")
