@@ -489,15 +489,16 @@ class TextDecoder(nn.Module):
         """Shifted next-token cross-entropy, pads ignored, the first prompt_length targets ignored.
         reduction="none" sums per sequence (the official VQA/rank scoring)."""
         hidden = self.bert(input_ids, attention_mask, encoder_states, encoder_mask, mode="causal")
-        logits = self.cls.rows(hidden)[:, :-1]
         targets = self.cls.target_rows(input_ids.masked_fill(attention_mask == 0, -100)[:, 1:])
         if prompt_length:
             targets[:, : prompt_length - 1] = -100
-        loss = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100,
+        keep = targets != -100  # the LM head only runs where there is a target (a short answer: a few of T)
+        loss = F.cross_entropy(self.cls.rows(hidden[:, :-1][keep]).float(), targets[keep],
                                label_smoothing=label_smoothing, reduction="none")
         if reduction == "none":
-            return loss.sum(1)
-        return loss.sum() / (targets != -100).sum().clamp(min=1)
+            rows = keep.nonzero()[:, 0]
+            return loss.new_zeros(input_ids.shape[0]).index_add_(0, rows, loss)
+        return loss.sum() / keep.sum().clamp(min=1)
 
     def start(self, encoder_states: torch.Tensor, encoder_mask: torch.Tensor | None = None,
               absorb: bool = False) -> "DecoderState":
