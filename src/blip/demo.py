@@ -89,11 +89,10 @@ def main(argv: list[str] | None = None) -> None:
         overrides.append(f"seed={args.seed}")
     if args.quick:
         overrides += ["max_steps=4", "log_interval=1", "progress=false", "itc_only_steps=2"]
+    if TrainConfig.load(args.config, args.overrides).vocab_from is not None:  # its vocabulary, from this corpus
+        from blip.vocab import corpus_override
+        overrides.append(corpus_override(corpus))
     cfg = TrainConfig.load(args.config, overrides + args.overrides)
-    if cfg.vocab_from is not None:  # the config's vocabulary files, from this corpus
-        from blip.vocab import corpus_files
-        cfg = TrainConfig.load(args.config, overrides + [f"vocab_from={json.dumps([str(p) for p in corpus_files(corpus)])}"]
-                               + args.overrides)
     t1 = time.perf_counter()
     trainer = Trainer(cfg, out)
     summary = trainer.train()

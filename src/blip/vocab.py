@@ -35,6 +35,11 @@ def corpus_files(folder: str | Path) -> list[Path]:
     return [Path(folder) / name for name in CORPUS_FILES if (Path(folder) / name).exists()]
 
 
+def corpus_override(folder: str | Path) -> str:
+    """The `vocab_from=[...]` training override that points a trimming config at this corpus's files."""
+    return "vocab_from=" + json.dumps([str(p.resolve()) for p in corpus_files(folder)])
+
+
 def corpus_texts(files: Iterable[str | Path]) -> Iterator[str]:
     """Every text of JSON annotation files: the TEXT_FIELDS of each entry (a string or a list of them),
     or the entries themselves for a list of strings (e.g. a VQA answer_list.json)."""

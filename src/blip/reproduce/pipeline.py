@@ -143,10 +143,10 @@ class Pipeline:
         """A config that trims the vocabulary (vocab_from) gets this corpus's train files: its texts are
         what every model of the pipeline reads and writes."""
         from ..train.config import TrainConfig
-        from ..vocab import corpus_files
+        from ..vocab import corpus_override
         if TrainConfig.load(self.o.pretrain_config, self.o.pretrain_overrides).vocab_from is None:
             return []
-        return ["vocab_from=" + json.dumps([str(p.resolve()) for p in corpus_files(self.o.corpus)])]
+        return [corpus_override(self.o.corpus)]
 
     def finetune(self, name: str, config: Path, init: Path, extra: list[str] = (), validate: bool = True) -> Path:
         """A finetune on the clean pairs from `init`; with `validate`, the best epoch on val.json (else the
