@@ -25,15 +25,17 @@ def scratch_dir(prefix: str = "blip-bench-") -> Path:
     return folder
 
 
-def hf_base(kind: str = "BlipForConditionalGeneration", image_size: int = 384, seed: int = 0, device: str = "cpu"):
+def hf_base(kind: str = "BlipForConditionalGeneration", image_size: int = 384, seed: int = 0, device: str = "cpu",
+            vision: dict | None = None, text: dict | None = None):
     """A transformers BLIP model (`kind`: BlipForConditionalGeneration, BlipForImageTextRetrieval, ...) with
-    `base` shapes and random weights, saved to a folder our loader reads, so both sides run the very same
-    weights; the model is returned on `device`."""
+    `base` shapes (or those of the `vision` / `text` config overrides) and random weights, saved to a folder
+    our loader reads, so both sides run the very same weights; the model is returned on `device`, in eval mode."""
     import transformers
     torch.manual_seed(seed)
-    cfg = transformers.BlipConfig(text_config=dict(num_attention_heads=12, hidden_dropout_prob=0.0,
-                                                   attention_probs_dropout_prob=0.0),
-                                  vision_config=dict(image_size=image_size, layer_norm_eps=1e-6, initializer_range=0.02))
+    vision = dict(dict(image_size=image_size, layer_norm_eps=1e-6, initializer_range=0.02), **(vision or {}))
+    text = dict(dict(num_attention_heads=12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                     encoder_hidden_size=vision.get("hidden_size", 768)), **(text or {}))
+    cfg = transformers.BlipConfig(text_config=text, vision_config=vision)
     model = getattr(transformers, kind)(cfg).eval()
     folder = scratch_dir()
     model.save_pretrained(str(folder))

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleave, machine, median, scratch_dir, write  # noqa: E402
+from common import hf_base, interleave, machine, median, write  # noqa: E402
 
 CONFIGS = {  # name: (vision, text, batch)
     "small_shape": (dict(image_size=64, patch_size=8, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
@@ -32,16 +32,8 @@ QUESTIONS = ["what color is the circle", "how many objects are there"]
 ANSWERS = ["red", "two"]
 
 
-def hf_model(kind: str, vision: dict, text: dict, seed: int = 0):
-    import transformers
-    torch.manual_seed(seed)
-    cfg = transformers.BlipConfig(
-        text_config=dict(text, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                         encoder_hidden_size=vision.get("hidden_size", 768)),
-        vision_config=dict(vision, layer_norm_eps=1e-6, initializer_range=0.02))
-    model = getattr(transformers, kind)(cfg)
-    folder = scratch_dir()
-    model.save_pretrained(str(folder))
+def hf_model(kind: str, vision: dict, text: dict):
+    model, folder = hf_base(kind, vision.get("image_size", 384), vision=vision, text=text)
     return model.train(), folder
 
 
@@ -126,11 +118,7 @@ def main() -> None:
                 del sides
             step = retrieval_side(vision, text, batch, bf16)
             step()
-            ts = []
-            for _ in range(args.repeats):
-                t = time.perf_counter()
-                step()
-                ts.append(time.perf_counter() - t)
+            ts = interleave({"blip": step}, args.repeats)["blip"]
             row[f"retrieval_{precision}"] = {"blip": {"pairs_per_s": batch / median(ts), "step_s": sorted(ts)}}
         result["configs"][name] = row
     write("finetune_speed", result)

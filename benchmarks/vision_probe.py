@@ -47,8 +47,7 @@ class CNN(nn.Module):
 
 
 def load(corpus: Path, items: list[dict], size: int, shapes, colors):
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    from blip.transform import normalize
     xs, ys = [], []
     for it in items:
         im = Image.open(corpus / it["image"]).convert("RGB").resize((size, size), Image.BICUBIC)
@@ -58,7 +57,7 @@ def load(corpus: Path, items: list[dict], size: int, shapes, colors):
             y[shapes.index(o["shape"])] = 1
             y[len(shapes) + colors.index(o["color"])] = 1
         ys.append(y)
-    return (torch.stack(xs) - mean) / std, torch.stack(ys)
+    return normalize(torch.stack(xs)), torch.stack(ys)
 
 
 def run(variant: str, data, steps: int, size: int, n_shapes: int, seed: int = 0) -> dict:

@@ -78,6 +78,10 @@ class BlipTokenizer:
             raise TypeError(f"text must be a string, got {repr(text)[:60]}")
         return self._tok.encode(as_texts(text)[0], add_special_tokens=add_special_tokens).ids
 
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Unpadded, untruncated ids of many texts (e.g. to collect a corpus's vocabulary: blip.vocab)."""
+        return [e.ids for e in self._tok.encode_batch(as_texts(texts), add_special_tokens=add_special_tokens)]
+
     def __call__(self, texts: str | list[str], max_length: int | None = None, padding: str = "longest",
                  first_token: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenise a batch like `tokenizer(texts, padding=..., truncation=True, max_length=...)`.

@@ -62,15 +62,15 @@ def corpus_texts(files: Iterable[str | Path]) -> Iterator[str]:
 
 
 def _encode(texts: Iterable[str], tokenizer: BlipTokenizer | None, batch: int = 4096) -> Iterator[list[int]]:
-    tok = (tokenizer or BlipTokenizer())._tok
+    tok = tokenizer or BlipTokenizer()
     chunk: list[str] = []
     for text in texts:
         chunk += [text, pre_caption(text)]  # as written and as the captioning code cleans it
         if len(chunk) >= batch:
-            yield from (e.ids for e in tok.encode_batch(chunk))
+            yield from tok.encode_batch(chunk)
             chunk = []
     if chunk:
-        yield from (e.ids for e in tok.encode_batch(chunk))
+        yield from tok.encode_batch(chunk)
 
 
 def corpus_token_ids(files: Iterable[str | Path], tokenizer: BlipTokenizer | None = None) -> list[int]:
@@ -103,7 +103,7 @@ def trim(model, ids: Iterable[int], build=None):
 
     cfg = model.config
     have = cfg.text.vocab_ids if cfg.text.vocab_ids is not None else range(cfg.text.vocab_size)
-    prompt = BlipTokenizer()._tok.encode(cfg.prompt).ids if cfg.prompt else []  # the captioning prompt's words
+    prompt = BlipTokenizer().encode(cfg.prompt) if cfg.prompt else []  # the captioning prompt's words
     keep = sorted(set(int(i) for i in ids).union(SPECIAL_IDS, prompt).intersection(have))
     position = {t: r for r, t in enumerate(have)}
     rows = torch.tensor([position[t] for t in keep], dtype=torch.long)
@@ -123,13 +123,12 @@ def untrimmed_state_dict(model, sd: dict[str, torch.Tensor]) -> dict[str, torch.
     """`sd` (the state dict of `model`) with all vocab_size rows, for formats without a trimmed vocabulary
     (the official .pth, transformers): an id the model lacks gets [UNK]'s embedding (how the model reads it)
     and an LM-head bias of -1e4 (never generated), so the model behaves the same in the other code."""
+    from .med import _id_rows
     ids = model.config.text.vocab_ids
     if ids is None:
         return sd
-    n, unk = model.config.text.vocab_size, ids.index(UNK_ID)
-    rows = torch.full((n,), unk, dtype=torch.long)
-    rows[torch.tensor(ids)] = torch.arange(len(ids))
-    lacking = torch.ones(n, dtype=torch.bool)
+    rows = _id_rows(model.config.text)  # id -> row, as the model reads ids
+    lacking = torch.ones(model.config.text.vocab_size, dtype=torch.bool)
     lacking[torch.tensor(ids)] = False
     out = {}
     for k, v in sd.items():
