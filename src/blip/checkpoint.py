@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,16 +193,25 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def torch_load(path: str | Path, mmap: bool = False):
+    """The one `torch.load` call: weights-only, on the CPU, without torch's warning about the pickle
+    protocol (it fires on any file whose first bytes look like a newer protocol, random bytes included,
+    and is advice to torch's developers, not to a user)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+
+
 def load_torch_file(path: str | Path, mmap: bool = True):
     """`torch.load(weights_only=True)` (memory-mapped if asked and the file allows it); whatever goes wrong
     (a truncated or corrupt file, a pickle of more than tensors) is a CheckpointError naming the file."""
     try:
         try:
-            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+            return torch_load(path, mmap=mmap)
         except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
             if not mmap:
                 raise
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            return torch_load(path)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, OSError, ...
         text = str(e).split("WeightsUnpickler error:")[-1]  # past torch's advice to unpickle anything
         why = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)

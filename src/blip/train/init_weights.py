@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import torch_load
 from ..vit import interpolate_pos_embed
 
 _TEXT_SKIP = re.compile(r"token_type_embeddings|pooler\.|position_ids$|seq_relationship")
@@ -27,7 +28,7 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    obj = torch_load(path)
     for key in ("model", "state_dict", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

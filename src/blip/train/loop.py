@@ -24,7 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import vocab
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, torch_load
 from ..model import Blip
 from . import distributed as dist
 from .config import TrainConfig
@@ -113,7 +113,7 @@ def read_checkpoint(path: str | Path, offer_previous: bool = True) -> dict:
     not a training checkpoint, naming the previous checkpoint when that one reads."""
     path = Path(path)
     try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        ckpt = torch_load(path)
         ok = isinstance(ckpt, dict) and all(k in ckpt for k in _TRAIN_KEYS)
         problem = None if ok else "is not a training checkpoint"
     except FileNotFoundError:
