@@ -1,4 +1,5 @@
-"""The ViT options for small models from scratch (VisionConfig.stem="conv", .pool="max"): shapes, what
+"""The ViT options for small models from scratch (VisionConfig.stem="conv"/"patch_conv", .pool="max"/
+"max_prenorm"): shapes, what
 token 0 holds, checkpoints in our format, and a clear refusal where the official layouts cannot hold them."""
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch
 import blip
 from blip.checkpoint import CheckpointError, save_blip, save_hf, save_official
 from blip.config import get_config
-from blip.vit import ConvStem, VisionTransformer
+from blip.vit import ConvStem, PatchConvStem, VisionTransformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,6 +19,23 @@ def test_conv_stem_gives_the_patch_grid(patch, size):
     assert isinstance(vit.patch_embed, ConvStem)
     out = vit(torch.randn(3, 3, size, size))
     assert out.shape == (3, 1 + (size // patch) ** 2, cfg.vision.width)
+
+
+def test_patch_conv_stem_starts_as_the_patch_stem_and_trains_its_conv_branch():
+    torch.manual_seed(0)
+    cfg = get_config("tiny", **{"vision.stem": "patch_conv"})
+    vit = VisionTransformer(cfg.vision)
+    plain = VisionTransformer(get_config("tiny").vision)
+    assert isinstance(vit.patch_embed, PatchConvStem)
+    own = vit.state_dict()
+    plain.load_state_dict({k: v for k, v in own.items() if not k.startswith("patch_embed.conv.")})
+    x = torch.randn(2, 3, 64, 64)
+    vit.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x), plain(x))  # the conv branch's last layer starts at zero
+    vit.train()
+    vit(x)[:, 0].sum().backward()
+    assert vit.patch_embed.conv.stem[-1].weight.grad.abs().sum() > 0  # ... and learns from the first step
 
 
 def test_bad_vision_options_are_refused():
@@ -42,14 +60,29 @@ def test_max_pool_puts_the_patch_tokens_channel_max_in_token_0():
     assert not torch.allclose(b[:, 0], a[:, 0])
 
 
+def test_max_prenorm_pools_the_residual_stream_before_the_final_norm():
+    torch.manual_seed(0)
+    cls = VisionTransformer(get_config("tiny").vision).eval()
+    pre = VisionTransformer(get_config("tiny", **{"vision.pool": "max_prenorm"}).vision).eval()
+    pre.load_state_dict(cls.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    stream = []
+    cls.norm.register_forward_hook(lambda mod, inp, out: stream.append(inp[0]))
+    with torch.no_grad():
+        a, b = cls(x), pre(x)
+    torch.testing.assert_close(b[:, 1:], a[:, 1:])
+    torch.testing.assert_close(b[:, 0], cls.norm(stream[0][:, 1:].amax(1)))
+    assert not torch.allclose(b[:, 0], a[:, 1:].amax(1))  # not the same as max after the norm
+
+
 def test_conv_stem_model_round_trips_in_our_format_and_is_refused_by_the_official_ones(tmp_path):
     torch.manual_seed(0)
-    model = blip.create_model("tiny", task="pretrain", device="cpu", **{"vision.stem": "conv", "vision.pool": "max"})
+    model = blip.create_model("tiny", task="pretrain", device="cpu", **{"vision.stem": "conv", "vision.pool": "max_prenorm"})
     model.train()
     model.visual_encoder(torch.randn(4, 3, 64, 64))  # BatchNorm's running statistics move off their init
     model.eval()
     loaded = blip.load(save_blip(model, tmp_path / "m"), device="cpu").eval()
-    assert loaded.config.vision.stem == "conv" and loaded.config.vision.pool == "max"
+    assert loaded.config.vision.stem == "conv" and loaded.config.vision.pool == "max_prenorm"
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded.embed_images(images), model.embed_images(images))

@@ -33,10 +33,14 @@ class VisionConfig:
     grad_checkpointing: bool = False
     checkpoint_layers: int = 0  # the last N blocks are checkpointed (official `vit_ckpt_layer`); 0 = all
     # "patch" (official): one linear map per patch. "conv": 3x3 convolutions with BatchNorm, ReLU and max
-    # pooling down to the patch grid (a hybrid ViT): local, shift-tolerant features a ViT from scratch lacks
+    # pooling down to the patch grid (a hybrid ViT): local, shift-tolerant features a ViT from scratch lacks.
+    # "patch_conv": the sum of both, the convolutional branch starting at zero
     stem: str = "patch"
-    # what output token 0 (ITC's image feature) holds: "cls" (official), or "max": the largest value of each
-    # channel over the patch tokens (a small object then is not averaged away)
+    # what output token 0 (ITC's image feature) holds: "cls" (official); "max": the largest value of each
+    # channel over the (normalised) patch tokens, so a small object is not averaged away; "max_prenorm": the
+    # same over the residual stream before the final LayerNorm (then normalised): the LayerNorm scales every
+    # token alike, so after it a background token's features compete with the object's, before it a feature
+    # that fires on a shape stays larger where the shape is (with the conv stem this learns shapes)
     pool: str = "cls"
 
     @property
@@ -96,12 +100,12 @@ class BlipConfig:
                 raise ValueError(f"text.vocab_ids must be sorted distinct ids in [0, {self.text.vocab_size})")
             if PAD_ID not in ids or UNK_ID not in ids:
                 raise ValueError(f"text.vocab_ids must keep [PAD] ({PAD_ID}) and [UNK] ({UNK_ID})")
-        if self.vision.stem not in ("patch", "conv"):
-            raise ValueError(f"vision.stem must be 'patch' or 'conv', got {self.vision.stem!r}")
-        if self.vision.stem == "conv" and (self.vision.patch_size < 2 or self.vision.patch_size & (self.vision.patch_size - 1)):
+        if self.vision.stem not in ("patch", "conv", "patch_conv"):
+            raise ValueError(f"vision.stem must be 'patch', 'conv' or 'patch_conv', got {self.vision.stem!r}")
+        if self.vision.stem != "patch" and (self.vision.patch_size < 2 or self.vision.patch_size & (self.vision.patch_size - 1)):
             raise ValueError(f"vision.stem 'conv' needs a power-of-two patch size, got {self.vision.patch_size}")
-        if self.vision.pool not in ("cls", "max"):
-            raise ValueError(f"vision.pool must be 'cls' or 'max', got {self.vision.pool!r}")
+        if self.vision.pool not in ("cls", "max", "max_prenorm"):
+            raise ValueError(f"vision.pool must be 'cls', 'max' or 'max_prenorm', got {self.vision.pool!r}")
         if self.vision.image_size % self.vision.patch_size:
             raise ValueError("vision.image_size must be a multiple of vision.patch_size")
         if self.embed_dim < 1:

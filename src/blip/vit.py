@@ -59,17 +59,18 @@ class PatchEmbed(nn.Module):
 
 
 class ConvStem(nn.Module):
-    """The patch grid from 3x3 convolutions (VisionConfig.stem="conv"): a stride-2 convolution, then per
-    further halving a convolution and 2x2 max pooling (BatchNorm and ReLU after each), then a 3x3
-    convolution to the width. Why: a linear patch map sees a shape's fragment at a different offset in every
-    image, a convolution with pooling sees the same edges; a from-scratch ViT on a few thousand images learns
-    colours in ~100 steps but not shapes (benchmarks/vision_probe.py compares the towers)."""
+    """The patch grid from 3x3 convolutions (VisionConfig.stem="conv"): per halving of the resolution a
+    convolution, BatchNorm, ReLU and 2x2 max pooling, the first at full resolution, then a 3x3 convolution to
+    the width. Why: a linear patch map sees a shape's fragment at a different offset in every image, a
+    convolution with pooling sees the same edges; a from-scratch ViT on a few thousand images learns colours in
+    ~100 steps but not shapes (benchmarks/vision_probe.py compares the towers). The first convolution runs at
+    full resolution so that a shape a few pixels across is seen whole (a stride-2 one skips every other pixel)."""
 
     def __init__(self, patch_size: int, width: int):
         super().__init__()
         halvings = patch_size.bit_length() - 1
-        channels = [max(8, width // 6) * 2 ** k for k in range(halvings)]
-        layers: list[nn.Module] = [nn.Conv2d(3, channels[0], 3, 2, 1, bias=False), nn.BatchNorm2d(channels[0]), nn.ReLU()]
+        channels = [3] + [max(8, width // 6) * 2 ** k for k in range(halvings)]
+        layers: list[nn.Module] = []
         for a, b in zip(channels, channels[1:]):
             layers += [nn.Conv2d(a, b, 3, 1, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(), nn.MaxPool2d(2)]
         layers.append(nn.Conv2d(channels[-1], width, 3, 1, 1))
@@ -77,6 +78,23 @@ class ConvStem(nn.Module):
 
     def forward(self, x):
         return self.stem(x).flatten(2).transpose(1, 2)
+
+
+class PatchConvStem(nn.Module):
+    """The official patch map plus a ConvStem branch (VisionConfig.stem="patch_conv"), its last convolution
+    zero-initialised so training starts from the patch stem: colours reach the tokens through the linear map
+    from the first step (the conv stem alone slowed early ITC: its features pass three BatchNorms), shapes
+    through the convolutions as they learn."""
+
+    def __init__(self, patch_size: int, width: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        self.conv = ConvStem(patch_size, width)
+        nn.init.zeros_(self.conv.stem[-1].weight)
+        nn.init.zeros_(self.conv.stem[-1].bias)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2) + self.conv(x)
 
 
 class Attention(nn.Module):
@@ -136,7 +154,8 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_size = cfg.patch_size
-        self.patch_embed = (ConvStem if cfg.stem == "conv" else PatchEmbed)(cfg.patch_size, cfg.width)
+        self.patch_embed = {"patch": PatchEmbed, "conv": ConvStem, "patch_conv": PatchConvStem}[cfg.stem](
+            cfg.patch_size, cfg.width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.width))
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
@@ -174,6 +193,8 @@ class VisionTransformer(nn.Module):
         x = x + self.position_table(x.shape[1] - 1)
         for block in self.blocks:
             x = block(x)
+        if self.cfg.pool == "max_prenorm":
+            x = torch.cat([x[:, 1:].amax(1, keepdim=True), x[:, 1:]], dim=1)
         x = self.norm(x)
         if self.cfg.pool == "max":
             x = torch.cat([x[:, 1:].amax(1, keepdim=True), x[:, 1:]], dim=1)

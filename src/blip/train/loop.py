@@ -39,7 +39,7 @@ LOCK = "train.lock"
 _TRAIN_KEYS = ("model", "optimizer", "progress", "rng", "train_config")
 
 
-def build_objective(cfg: TrainConfig, model) -> torch.nn.Module:
+def objective_from_config(cfg: TrainConfig, model) -> torch.nn.Module:
     """The objective of cfg.task around `model`, its options taken from the config (train/tasks)."""
     return tasks.build_objective(cfg.task, model, **tasks.objective_options(cfg.task, cfg))
 
@@ -220,7 +220,7 @@ class Trainer:
     against a second run. `resume`: a checkpoint path, or "auto" for the newest good one in `out_dir`."""
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = None,
-                 dataset=None, objective_fn=build_objective):
+                 dataset=None, objective_fn=objective_from_config):
         self.cfg, self.out = cfg, Path(out_dir)
         self.device = dist.setup(cfg.device)
         self.rank, self.world = dist.rank(), dist.world_size()
