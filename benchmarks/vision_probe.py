@@ -30,9 +30,18 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write  # noqa: E402
 
-VARIANTS = {"patch": ("patch", "cls"), "patch_max": ("patch", "max"), "patch_max_prenorm": ("patch", "max_prenorm"),
-            "conv": ("conv", "cls"), "conv_max": ("conv", "max"), "conv_max_prenorm": ("conv", "max_prenorm"),
-            "patch_conv_max": ("patch_conv", "max"), "cnn": None}
+
+def _tower(stem: str, pool: str, **more) -> dict:
+    return {"vision.stem": stem, "vision.pool": pool, **more}
+
+
+VARIANTS = {"patch": _tower("patch", "cls"), "patch_max": _tower("patch", "max"),
+            "patch_max_prenorm": _tower("patch", "max_prenorm"), "conv": _tower("conv", "cls"),
+            "conv_max": _tower("conv", "max"), "conv_max_prenorm": _tower("conv", "max_prenorm"),
+            "patch_conv_max": _tower("patch_conv", "max"),
+            # no transformer blocks: the conv stem's tokens (+ positions, LayerNorm) are the image tokens
+            "conv_depth0_max_prenorm": _tower("conv", "max_prenorm", **{"vision.depth": 0}),
+            "cnn": None}
 
 
 class CNN(nn.Module):
@@ -71,9 +80,7 @@ def run(variant: str, data, steps: int, size: int, n_shapes: int, seed: int = 0)
     if VARIANTS[variant] is None:
         tower, width = CNN(), 192
     else:
-        stem, pool = VARIANTS[variant]
-        model = blip.create_model("mini", task="feature", device="cpu",
-                                  **{"vision.image_size": size, "vision.stem": stem, "vision.pool": pool})
+        model = blip.create_model("mini", task="feature", device="cpu", **{"vision.image_size": size, **VARIANTS[variant]})
         clip_init(model)  # the synthetic pretraining's init
         tower, width = model.visual_encoder, model.config.vision.width
     (xtr, ytr), (xte, yte, single) = data

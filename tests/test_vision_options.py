@@ -28,15 +28,27 @@ def test_patch_conv_stem_starts_as_the_patch_stem_and_trains_its_conv_branch():
     plain = VisionTransformer(get_config("tiny").vision)
     assert isinstance(vit.patch_embed, PatchConvStem)
     own = vit.state_dict()
-    plain.load_state_dict({k: v for k, v in own.items() if not k.startswith("patch_embed.conv.")})
+    plain.load_state_dict({k: v for k, v in own.items() if not k.startswith(("patch_embed.conv.", "patch_embed.scale"))})
     x = torch.randn(2, 3, 64, 64)
     vit.eval(), plain.eval()
     with torch.no_grad():
-        torch.testing.assert_close(vit(x), plain(x))  # the conv branch's last layer starts at zero
+        torch.testing.assert_close(vit(x), plain(x))  # the conv branch starts at zero
     vit.train()
     out = vit(x)
     (out * torch.randn_like(out)).sum().backward()  # (a plain sum of LayerNorm outputs has no gradient)
-    assert vit.patch_embed.conv.stem[-1].weight.grad.abs().sum() > 0  # ... and learns from the first step
+    assert vit.patch_embed.scale.grad.abs().sum() > 0  # ... and learns from the first step
+
+
+def test_a_conv_stem_without_transformer_blocks_gives_the_stems_tokens():
+    cfg = get_config("tiny", **{"vision.stem": "conv", "vision.depth": 0, "vision.pool": "max_prenorm"})
+    vit = VisionTransformer(cfg.vision).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = vit.patch_embed(x) + vit.pos_embed[:, 1:]
+        torch.testing.assert_close(vit(x)[:, 1:], vit.norm(tokens))
+        torch.testing.assert_close(vit(x)[:, 0], vit.norm(tokens.amax(1)))
+    with pytest.raises(ValueError, match="text.depth"):
+        get_config("tiny", **{"text.depth": 0})
 
 
 def test_bad_vision_options_are_refused():

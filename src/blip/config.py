@@ -88,7 +88,9 @@ class BlipConfig:
             raise ValueError(f"unknown task {self.task!r}; expected one of {', '.join(TASKS)}")
         for name, tower in (("vision", self.vision), ("text", self.text)):
             for f in dataclasses.fields(tower):  # sizes and divisors: 0 fails here, not in a modulo
-                value, least = getattr(tower, f.name), 0 if f.name == "checkpoint_layers" else 1
+                # a vision tower of 0 blocks is its stem's tokens, positions and LayerNorm (a CNN with conv)
+                zero_ok = f.name == "checkpoint_layers" or (name, f.name) == ("vision", "depth")
+                value, least = getattr(tower, f.name), 0 if zero_ok else 1
                 if type(value) is int and value < least:
                     raise ValueError(f"{name}.{f.name} must be >= {least}, got {value}")
             if tower.width % tower.heads:

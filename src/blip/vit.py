@@ -73,7 +73,10 @@ class ConvStem(nn.Module):
         layers: list[nn.Module] = []
         for a, b in zip(channels, channels[1:]):
             layers += [nn.Conv2d(a, b, 3, 1, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(), nn.MaxPool2d(2)]
-        layers.append(nn.Conv2d(channels[-1], width, 3, 1, 1))
+        # BatchNorm and ReLU after the last convolution too: non-negative feature detectors, whose maximum
+        # over the grid says whether a shape is there (vision_probe, no transformer blocks: 52% shape vs 32
+        # with a linear last layer)
+        layers += [nn.Conv2d(channels[-1], width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
         self.stem = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -81,20 +84,19 @@ class ConvStem(nn.Module):
 
 
 class PatchConvStem(nn.Module):
-    """The official patch map plus a ConvStem branch (VisionConfig.stem="patch_conv"), its last convolution
-    zero-initialised so training starts from the patch stem: colours reach the tokens through the linear map
-    from the first step (the conv stem alone slowed early ITC: its features pass three BatchNorms), shapes
-    through the convolutions as they learn."""
+    """The official patch map plus a ConvStem branch (VisionConfig.stem="patch_conv") scaled per channel by
+    weights that start at zero, so training starts from the patch stem: colours reach the tokens through the
+    linear map from the first step (the conv stem alone slowed early ITC: its features pass BatchNorms),
+    shapes through the convolutions as they learn."""
 
     def __init__(self, patch_size: int, width: int):
         super().__init__()
         self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
         self.conv = ConvStem(patch_size, width)
-        nn.init.zeros_(self.conv.stem[-1].weight)
-        nn.init.zeros_(self.conv.stem[-1].bias)
+        self.scale = nn.Parameter(torch.zeros(width))  # per channel (as LayerScale): the branch starts at zero
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2) + self.conv(x)
+        return self.proj(x).flatten(2).transpose(1, 2) + self.scale * self.conv(x)
 
 
 class Attention(nn.Module):

@@ -155,7 +155,7 @@ def clip_init(model) -> list[str]:
     done = []
     vit = model.visual_encoder
     width, depth = vit.cls_token.shape[-1], len(vit.blocks)
-    attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * depth) ** -0.5, (2 * width) ** -0.5
+    attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * max(depth, 1)) ** -0.5, (2 * width) ** -0.5
     for block in vit.blocks:
         torch.nn.init.normal_(block.attn.qkv.weight, std=attn_std)
         torch.nn.init.normal_(block.attn.proj.weight, std=proj_std)
