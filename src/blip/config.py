@@ -40,7 +40,7 @@ class VisionConfig:
     # channel over the (normalised) patch tokens, so a small object is not averaged away; "max_prenorm": the
     # same over the residual stream before the final LayerNorm (then normalised): the LayerNorm scales every
     # token alike, so after it a background token's features compete with the object's, before it a feature
-    # that fires on a shape stays larger where the shape is (with the conv stem this learns shapes)
+    # that fires on a shape stays larger where the shape is (docs/pretraining_synthetic.md has what it gave)
     pool: str = "cls"
 
     @property
@@ -105,7 +105,8 @@ class BlipConfig:
         if self.vision.stem not in ("patch", "conv", "patch_conv"):
             raise ValueError(f"vision.stem must be 'patch', 'conv' or 'patch_conv', got {self.vision.stem!r}")
         if self.vision.stem != "patch" and (self.vision.patch_size < 2 or self.vision.patch_size & (self.vision.patch_size - 1)):
-            raise ValueError(f"vision.stem 'conv' needs a power-of-two patch size, got {self.vision.patch_size}")
+            raise ValueError(f"vision.stem {self.vision.stem!r} needs a power-of-two patch size, "
+                             f"got {self.vision.patch_size}")
         if self.vision.pool not in ("cls", "max", "max_prenorm"):
             raise ValueError(f"vision.pool must be 'cls', 'max' or 'max_prenorm', got {self.vision.pool!r}")
         if self.vision.image_size % self.vision.patch_size:
