@@ -125,8 +125,8 @@ def main() -> None:
     meta = json.loads((corpus / "metadata.json").read_text())
     shapes, colors = list(SHAPES), list(COLORS)
     items = meta["pretrain"] + meta["clean"]
-    # scored on the test split's one-object images and those of 800 held-out training images (the test
-    # split alone has ~50: a shape figure from it moves by +-7 points between checkpoints)
+    # scored on the one-object images of the test split and of the held-out training images: the test
+    # split alone has too few for a shape figure to be stable between runs
     held = meta["test"] + items[-args.held_out:]
     train = load(corpus, items[:-args.held_out], args.size, shapes, colors)
     xte, yte = load(corpus, held, args.size, shapes, colors)

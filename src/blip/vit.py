@@ -61,7 +61,7 @@ class PatchEmbed(nn.Module):
 class ConvStem(nn.Module):
     """The patch grid from 3x3 convolutions (VisionConfig.stem="conv"): per halving of the resolution a
     convolution, BatchNorm, ReLU and 2x2 max pooling, the first at full resolution, then a 3x3 convolution to
-    the width. Why: a linear patch map sees a shape's fragment at a different offset in every image, a
+    the width with BatchNorm and ReLU. Why: a linear patch map sees a shape's fragment at a different offset in every image, a
     convolution with pooling sees the same edges; a from-scratch ViT on a few thousand images learns colours in
     ~100 steps but not shapes (benchmarks/vision_probe.py compares the towers). The first convolution runs at
     full resolution so that a shape a few pixels across is seen whole (a stride-2 one skips every other pixel)."""
@@ -74,8 +74,7 @@ class ConvStem(nn.Module):
         for a, b in zip(channels, channels[1:]):
             layers += [nn.Conv2d(a, b, 3, 1, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(), nn.MaxPool2d(2)]
         # BatchNorm and ReLU after the last convolution too: non-negative feature detectors, whose maximum
-        # over the grid says whether a shape is there (vision_probe, no transformer blocks: 52% shape vs 32
-        # with a linear last layer)
+        # over the grid says whether a shape is there (vision_probe measured it against a linear last layer)
         layers += [nn.Conv2d(channels[-1], width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
         self.stem = nn.Sequential(*layers)
 
@@ -83,20 +82,19 @@ class ConvStem(nn.Module):
         return self.stem(x).flatten(2).transpose(1, 2)
 
 
-class PatchConvStem(nn.Module):
+class PatchConvStem(PatchEmbed):
     """The official patch map plus a ConvStem branch (VisionConfig.stem="patch_conv") scaled per channel by
     weights that start at zero, so training starts from the patch stem: colours reach the tokens through the
     linear map from the first step (the conv stem alone slowed early ITC: its features pass BatchNorms),
     shapes through the convolutions as they learn."""
 
     def __init__(self, patch_size: int, width: int):
-        super().__init__()
-        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        super().__init__(patch_size, width)
         self.conv = ConvStem(patch_size, width)
         self.scale = nn.Parameter(torch.zeros(width))  # per channel (as LayerScale): the branch starts at zero
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2) + self.scale * self.conv(x)
+        return super().forward(x) + self.scale * self.conv(x)
 
 
 class Attention(nn.Module):
@@ -151,6 +149,11 @@ class Block(nn.Module):
         return self._forward(x)
 
 
+def _max_into_token_0(x: torch.Tensor) -> torch.Tensor:
+    """Token 0 replaced by the channel-wise max over the patch tokens (VisionConfig.pool)."""
+    return torch.cat([x[:, 1:].amax(1, keepdim=True), x[:, 1:]], dim=1)
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -196,8 +199,6 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         if self.cfg.pool == "max_prenorm":
-            x = torch.cat([x[:, 1:].amax(1, keepdim=True), x[:, 1:]], dim=1)
+            x = _max_into_token_0(x)
         x = self.norm(x)
-        if self.cfg.pool == "max":
-            x = torch.cat([x[:, 1:].amax(1, keepdim=True), x[:, 1:]], dim=1)
-        return x
+        return _max_into_token_0(x) if self.cfg.pool == "max" else x
