@@ -9,9 +9,12 @@ the official patch stem and [CLS] token, the convolutional stem (vision.stem="co
 (vision.stem="patch_conv"), max pooling into
 token 0 after the final LayerNorm (vision.pool="max") or before it (vision.pool="max_prenorm"), and as a
 reference a plain 4-layer CNN with global max pooling.
-Writes benchmarks/results/vision_probe.json (vision_probe_seeds.json with several --seeds).
+With --readout attn the head is one learned query cross-attending to all of the tower's tokens (as the text
+side reads an image) instead of a linear layer on token 0.
+Writes benchmarks/results/vision_probe.json (_seeds with several --seeds, _attn with --readout attn).
 
     python benchmarks/vision_probe.py [--corpus runs/synthetic] [--steps 300] [--variants patch,conv_max,...] [--seeds 0,1]
+                                      [--readout token0|attn]
 """
 from __future__ import annotations
 
@@ -41,6 +44,11 @@ VARIANTS = {"patch": _tower("patch", "cls"), "patch_max": _tower("patch", "max")
             "patch_conv_max": _tower("patch_conv", "max"),
             # no transformer blocks: the conv stem's tokens (+ positions, LayerNorm) are the image tokens
             "conv_depth0_max_prenorm": _tower("conv", "max_prenorm", **{"vision.depth": 0}),
+            # the same, every patch token plus token 0 (vision.global_context): for --readout attn
+            "conv_depth0_ctx": _tower("conv", "max_prenorm", **{"vision.depth": 0, "vision.global_context": True}),
+            # 4-pixel patches: a 64-pixel image as 16 x 16 tokens, 4x the tokens of the mini preset's 8 x 8
+            "patch4": _tower("patch", "cls", **{"vision.patch_size": 4}),
+            "patch4_max": _tower("patch", "max", **{"vision.patch_size": 4}),
             "cnn": None}
 
 
@@ -73,7 +81,22 @@ def load(corpus: Path, items: list[dict], size: int, shapes, colors):
     return normalize(torch.stack(xs)), torch.stack(ys)
 
 
-def run(variant: str, data, steps: int, size: int, n_shapes: int, seed: int = 0) -> dict:
+class AttnReadout(nn.Module):
+    def __init__(self, width, n_out, heads=3):
+        super().__init__()
+        self.q = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.out = nn.Linear(width, n_out)
+
+    def forward(self, x):
+        return self.out(self.attn(self.q.expand(x.shape[0], -1, -1), x, x)[0][:, 0])
+
+
+def _read(tokens, readout):
+    return tokens if readout == "attn" else tokens[:, 0]
+
+
+def run(variant: str, data, steps: int, size: int, n_shapes: int, seed: int = 0, readout: str = "token0") -> dict:
     import blip
     from blip.train.init_weights import clip_init
     torch.manual_seed(seed)
@@ -85,6 +108,8 @@ def run(variant: str, data, steps: int, size: int, n_shapes: int, seed: int = 0)
         tower, width = model.visual_encoder, model.config.vision.width
     (xtr, ytr), (xte, yte, single) = data
     head = nn.Linear(width, ytr.shape[1])
+    if readout == "attn":  # one learned query cross-attending to every image token (as the decoder reads them)
+        head = AttnReadout(width, ytr.shape[1])
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
     g = torch.Generator().manual_seed(seed)
@@ -94,14 +119,14 @@ def run(variant: str, data, steps: int, size: int, n_shapes: int, seed: int = 0)
             group["lr"] = 1e-3 * min(1.0, step / 30)
         idx = torch.randint(0, len(xtr), (64,), generator=g)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            z = head(tower(xtr[idx])[:, 0]).float()
+            z = head(_read(tower(xtr[idx]), readout)).float()
         F.binary_cross_entropy_with_logits(z, ytr[idx]).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == steps:
             tower.eval()
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                z = head(tower(xte)[:, 0]).float()
+                z = head(_read(tower(xte), readout)).float()
             tower.train()
             shape = (z[:, :n_shapes].argmax(1) == yte[:, :n_shapes].argmax(1))[single].float().mean().item()
             color = (z[:, n_shapes:].argmax(1) == yte[:, n_shapes:].argmax(1))[single].float().mean().item()
@@ -119,7 +144,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--held-out", type=int, default=800)
     ap.add_argument("--seeds", default="0", help="comma-separated init/data-order seeds; each variant runs once per seed")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "conv_depth0_ctx"))
+    ap.add_argument("--readout", default="token0", choices=["token0", "attn"],
+                    help="token0: a linear layer on token 0; attn: one learned query cross-attending to all tokens")
     args = ap.parse_args()
     corpus = Path(args.corpus)
     meta = json.loads((corpus / "metadata.json").read_text())
@@ -139,8 +166,11 @@ def main() -> None:
     for v in args.variants.split(","):
         for seed in seeds:
             name = v if len(seeds) == 1 else f"{v}/seed{seed}"
-            result["variants"][name] = run(v, (train, (xte, yte, single)), args.steps, args.size, len(shapes), seed)
-    write("vision_probe" if len(seeds) == 1 else "vision_probe_seeds", result)
+            result["variants"][name + ("" if args.readout == "token0" else "/" + args.readout)] = run(
+                v, (train, (xte, yte, single)), args.steps, args.size, len(shapes), seed, args.readout)
+    result["readout"] = args.readout
+    name = "vision_probe" + ("" if len(seeds) == 1 else "_seeds") + ("" if args.readout == "token0" else "_attn")
+    write(name, result)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """The ViT options for small models from scratch (VisionConfig.stem="conv"/"patch_conv", .pool="max"/
-"max_prenorm"): shapes, what
-token 0 holds, checkpoints in our format, and a clear refusal where the official layouts cannot hold them."""
+"max_prenorm", .global_context): shapes, what token 0 holds, what the patch tokens hold, checkpoints in our format, and a clear refusal where the official layouts cannot hold them."""
 import pytest
 import torch
 
@@ -88,17 +87,37 @@ def test_max_prenorm_pools_the_residual_stream_before_the_final_norm():
     assert not torch.allclose(b[:, 0], a[:, 1:].amax(1))  # not the same as max after the norm
 
 
+def test_global_context_adds_token_0_to_every_patch_token():
+    torch.manual_seed(0)
+    plain = VisionTransformer(get_config("tiny", **{"vision.pool": "max_prenorm"}).vision).eval()
+    ctx = VisionTransformer(get_config("tiny", **{"vision.pool": "max_prenorm", "vision.global_context": True}).vision)
+    ctx.load_state_dict(plain.state_dict())  # no parameters of its own
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = plain(x), ctx.eval()(x)
+    torch.testing.assert_close(b[:, 0], a[:, 0])  # ITC's feature is unchanged
+    torch.testing.assert_close(b[:, 1:], a[:, 1:] + a[:, :1])
+    with pytest.raises(ValueError, match="global_context"):
+        get_config("tiny", **{"vision.global_context": True})  # with [CLS] there is no pooled token to add
+
+
 def test_conv_stem_model_round_trips_in_our_format_and_is_refused_by_the_official_ones(tmp_path):
     torch.manual_seed(0)
-    model = blip.create_model("tiny", task="pretrain", device="cpu", **{"vision.stem": "conv", "vision.pool": "max_prenorm"})
+    model = blip.create_model("tiny", task="pretrain", device="cpu", **{"vision.stem": "conv", "vision.pool": "max_prenorm",
+                                                                       "vision.global_context": True})
     model.train()
     model.visual_encoder(torch.randn(4, 3, 64, 64))  # BatchNorm's running statistics move off their init
     model.eval()
     loaded = blip.load(save_blip(model, tmp_path / "m"), device="cpu").eval()
     assert loaded.config.vision.stem == "conv" and loaded.config.vision.pool == "max_prenorm"
+    assert loaded.config.vision.global_context
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded.embed_images(images), model.embed_images(images))
     for save in (lambda: save_official(model, tmp_path / "o.pth"), lambda: save_hf(model, tmp_path / "hf")):
-        with pytest.raises(CheckpointError, match="stem"):
+        with pytest.raises(CheckpointError, match="global_context"):
             save()
+    plain = blip.create_model("tiny", task="pretrain", device="cpu", **{"vision.global_context": True,
+                                                                       "vision.pool": "max"})
+    with pytest.raises(CheckpointError, match="global_context=True"):
+        save_official(plain, tmp_path / "p.pth")

@@ -145,9 +145,10 @@ def config_from_hf(data: dict) -> BlipConfig:
 
 def _official_layout(config: BlipConfig, where: str) -> None:
     v = config.vision
-    if v.stem != "patch" or v.pool != "cls":
-        raise CheckpointError(f"{where} has no convolutional stem or max pooling (vision.stem={v.stem!r}, "
-                              f"vision.pool={v.pool!r}): save this model in blip's own format (save_blip)")
+    if v.stem != "patch" or v.pool != "cls" or v.global_context:
+        raise CheckpointError(f"{where} has none of blip's own vision options (vision.stem={v.stem!r}, "
+                              f"vision.pool={v.pool!r}, vision.global_context={v.global_context}): "
+                              "save this model in blip's own format (save_blip)")
 
 
 def config_to_hf(config: BlipConfig) -> dict:

@@ -42,6 +42,11 @@ class VisionConfig:
     # token alike, so after it a background token's features compete with the object's, before it a feature
     # that fires on a shape stays larger where the shape is (docs/pretraining_synthetic.md has what it gave)
     pool: str = "cls"
+    # every patch token plus token 0 on output (after pooling, not official): what the text side cross-attends
+    # to then carries the whole image's pooled features wherever it looks. From scratch, cross-attention
+    # reads an object's shape only once it has learnt where to look, which took longer than a short run
+    # (docs/pretraining_synthetic.md, the readout probe); the pooled token gives it a first-order path.
+    global_context: bool = False
 
     @property
     def num_patches(self) -> int:
@@ -109,6 +114,9 @@ class BlipConfig:
                              f"got {self.vision.patch_size}")
         if self.vision.pool not in ("cls", "max", "max_prenorm"):
             raise ValueError(f"vision.pool must be 'cls', 'max' or 'max_prenorm', got {self.vision.pool!r}")
+        if self.vision.global_context and self.vision.pool == "cls":
+            raise ValueError("vision.global_context adds the pooled token 0 to every patch token: "
+                             "it needs vision.pool 'max' or 'max_prenorm'")
         if self.vision.image_size % self.vision.patch_size:
             raise ValueError("vision.image_size must be a multiple of vision.patch_size")
         if self.embed_dim < 1:

@@ -35,6 +35,8 @@ class TrainConfig:
     image_root: str | dict[str, str] | None = None  # or per dataset: {"vqa": folder, "vg": folder} (VQA)
     shards: list[str] = field(default_factory=list)  # tar shards (paths, globs, {a..b}): a stream
     shuffle_buffer: int = 1000             # stream shuffle buffer (shards only)
+    similar_groups: int = 0                # batches of groups of N items whose captions share the most words
+    #                                        (hard in-batch negatives, train_files only); 0: random (official)
     val_file: str | None = None            # annotation file validated after every epoch (best -> out/model)
     test_file: str | None = None           # evaluated once with the best model at the end
     answer_list: str | None = None         # VQA: candidate answers for rank inference (answer_list.json)
@@ -82,6 +84,7 @@ class TrainConfig:
     itm_swap_from: int = 0                 # word-swap ITM negatives (itm_swap_words) from this step on
     itc_only_steps: int = 0                # first N optimizer steps train ITC alone (ITM and LM not computed)
     itm_pairs: int | None = None           # ITM on the first N pairs of each batch only (None: all, official)
+    itc_swap_negatives: bool = False       # the word-swap captions are ITC text negatives too (distill=False)
     distill: bool = True                   # momentum towers + distilled ITC targets (official); False: in-batch
     #                                        InfoNCE on the online features (needs queue_size 0)
     itm_swap_words: Any = None             # ITM negatives: each caption with one word of a group replaced by

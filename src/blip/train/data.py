@@ -129,6 +129,69 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
+def _bag_of_words(texts) -> np.ndarray:
+    """(N, V) L2-normalised TF-IDF vectors (words lower-cased, split on non-letters) of each item's text or
+    texts: words every caption uses ("a", "photo") count for little, what tells items apart for much."""
+    docs = [" ".join(t) if isinstance(t, (list, tuple)) else (t or "") for t in texts]
+    words = [re.findall(r"[a-z]+", d.lower()) for d in docs]
+    vocab = {w: k for k, w in enumerate(sorted({w for ws in words for w in ws}))}
+    m = np.zeros((len(docs), max(len(vocab), 1)), np.float32)
+    for i, ws in enumerate(words):
+        for w in ws:
+            m[i, vocab[w]] += 1
+    m *= np.log((1 + len(docs)) / (1 + (m > 0).sum(0))) + 1  # smoothed IDF
+    return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+
+
+class SimilarTextSampler(ResumableSampler):
+    """Batches made of groups of `group` items whose texts share the most words (TrainConfig.similar_groups).
+
+    Why: in-batch contrastive negatives drawn at random differ from the positive in whatever is easiest to
+    see (on the synthetic corpus: colour), so nothing asks the towers for the rest; within a group they
+    differ in one or two words. Each epoch (seeded): walk a random permutation, each item not yet placed
+    seeds a group with its `group - 1` nearest unplaced items (cosine of word counts), the groups are
+    shuffled and cut into batches, and rank r takes batches r, r + world, ... (drop_last, as the default)."""
+
+    def __init__(self, dataset, texts, batch_size: int, group: int, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, seed=seed)
+        if group < 2 or group > batch_size:
+            raise ValueError(f"similar_groups must be in 2..batch_size ({batch_size}), got {group}")
+        if len(texts) != len(dataset):
+            raise ValueError(f"{len(texts)} texts for {len(dataset)} items")
+        self.batch_size, self.group = batch_size, group
+        self.vectors = _bag_of_words(texts)
+
+    def _order(self) -> np.ndarray:
+        n = len(self.vectors)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        jitter = rng.random(n).astype(np.float32) * 1e-4  # ties between equally similar items: seeded, not by index
+        free = np.ones(n, bool)
+        groups = []
+        for s in rng.permutation(n):
+            if not free[s]:
+                continue
+            free[s] = False
+            k = min(self.group - 1, int(free.sum()))
+            if k:
+                sims = self.vectors @ self.vectors[s] + jitter
+                sims[~free] = -np.inf
+                near = np.argpartition(-sims, k - 1)[:k]
+                free[near] = False
+                groups.append(np.concatenate([[s], near]))
+            else:
+                groups.append(np.array([s]))
+        flat = np.concatenate([groups[i] for i in rng.permutation(len(groups))])
+        per_step = self.batch_size * self.num_replicas
+        batches = flat[:len(flat) // per_step * per_step].reshape(-1, self.batch_size)
+        return batches[self.rank::self.num_replicas].ravel()
+
+    def __iter__(self):
+        return iter(self._order()[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return len(self.vectors) // (self.batch_size * self.num_replicas) * self.batch_size - self.start
+
+
 class Collate:
     """Stack images, tokenise texts ([CLS] first, cut at max_length; padded to the longest text, which
     gives the same losses as the official max_length padding for less compute), drop bad items.
@@ -186,7 +249,14 @@ def make_loader(dataset, cfg, rank: int, world: int, epoch: int, skip_batches: i
     if not isinstance(dataset, SeededItems):
         raise TypeError("wrap map-style datasets in SeededItems")
     dataset.set_epoch(epoch)
-    sampler = ResumableSampler(dataset, world, rank, seed=cfg.seed)
+    if cfg.similar_groups:
+        texts = getattr(dataset.dataset, "captions", None)
+        if texts is None:
+            raise ValueError(f"similar_groups needs a dataset with captions (train_files), not "
+                             f"{type(dataset.dataset).__name__}")
+        sampler = SimilarTextSampler(dataset, texts, cfg.batch_size, cfg.similar_groups, world, rank, cfg.seed)
+    else:
+        sampler = ResumableSampler(dataset, world, rank, seed=cfg.seed)
     sampler.set_epoch(epoch)
     sampler.start = skip_batches * cfg.batch_size
     return DataLoader(dataset, sampler=sampler, **common)

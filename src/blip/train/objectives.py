@@ -176,6 +176,18 @@ def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text
     return loss, sim_i2t, sim_t2i
 
 
+def itc_loss_with_text_negatives(image_feat, text_feat, neg_feat, temp):
+    """In-batch ITC (no momentum) with extra text negatives (N, D) for every image: image-to-text over the
+    batch's texts then these (NegCLIP, Yuksekgonul et al. 2023: captions with a word replaced); text-to-image
+    over the batch's images. Returns (loss, sim_i2t, sim_t2i), the sims over the batch only (B, B)."""
+    sim_i2t = image_feat @ text_feat.T / temp
+    sim_t2i = text_feat @ image_feat.T / temp
+    targets = torch.arange(image_feat.shape[0], device=image_feat.device)
+    i2t_all = torch.cat([sim_i2t, image_feat @ neg_feat.T / temp], dim=1)
+    loss = (F.cross_entropy(i2t_all, targets) + F.cross_entropy(sim_t2i, targets)) / 2
+    return loss, sim_i2t, sim_t2i
+
+
 @torch.no_grad()
 def itm_negative_weights(sim: torch.Tensor, offset: int = 0, same: torch.Tensor | None = None,
                          eps: float = 1e-4) -> torch.Tensor:
@@ -313,14 +325,19 @@ class PretrainObjective(nn.Module):
     in-batch negatives are drawn uniformly rather than by similarity (not with negatives_all_rank); from
     `itm_swap_from` on, a batch carrying "neg_input_ids" (captions with one attribute word replaced, see
     `blip.train.data.WordSwap`) gives ITM one more negative per pair. `itm_pairs`: ITM on the first N pairs
-    of the batch only, negatives drawn among them (ITM's text passes are most of a small model's step)."""
+    of the batch only, negatives drawn among them (ITM's text passes are most of a small model's step).
+    `itc_swap_negatives` (with distill=False): those word-swapped captions are extra ITC text negatives too,
+    so that ITC's image feature must tell a caption from the same caption with one attribute changed."""
 
     def __init__(self, model: nn.Module, queue_size: int = 57600, momentum: float = 0.995, alpha: float = 0.4,
                  alpha_ramp_epochs: float = 2, negatives_all_rank: bool = False, label_smoothing: float = 0.1,
                  queue_init: str = "empty", itc_only_steps: int = 0, distill: bool = True,
                  loss_weights: dict | None = None, itm_hard_from: int | None = 0,
-                 itm_swap_from: int = 0, itm_pairs: int | None = None):
+                 itm_swap_from: int = 0, itm_pairs: int | None = None, itc_swap_negatives: bool = False):
         super().__init__()
+        if itc_swap_negatives and distill:
+            raise ValueError("itc_swap_negatives adds text negatives to in-batch ITC: it needs distill=False")
+        self.itc_swap_negatives = itc_swap_negatives
         self.model = model
         if itm_pairs is not None and itm_pairs < 2:
             raise ValueError(f"itm_pairs must be at least 2 (a pair and its negative), not {itm_pairs}")
@@ -355,9 +372,18 @@ class PretrainObjective(nn.Module):
         else:  # the online features stand in for the momentum ones: plain in-batch InfoNCE
             alpha, image_feat_m, text_feat_m = 0.0, image_feat, text_feat
             queues = (image_feat.new_zeros(image_feat.shape[1], 0),) * 2
-        with torch.autocast(images.device.type, enabled=False):
-            loss_ita, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, *queues, m.temp, alpha)
         step = info.epoch * info.steps_per_epoch + info.step
+        neg_feat = None
+        if self.itc_swap_negatives and "neg_valid" in batch and step >= self.itm_swap_from and bool(batch["neg_valid"].any()):
+            rows = batch["neg_valid"].nonzero()[:, 0]
+            neg_feat = F.normalize(m.text_proj(m.text_encoder(batch["neg_input_ids"][rows],
+                                                              batch["neg_attention_mask"][rows], mode="text")[:, 0]).float(), dim=-1)
+        with torch.autocast(images.device.type, enabled=False):
+            if neg_feat is not None:
+                loss_ita, sim_i2t, sim_t2i = itc_loss_with_text_negatives(image_feat, text_feat, neg_feat, m.temp)
+            else:
+                loss_ita, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, *queues,
+                                                      m.temp, alpha)
         if step < self.itc_only_steps:
             # ITC alone first: from scratch, ITM's hard negatives and LM's grounding need aligned features
             # to learn from, and an ITC-only step costs a fraction of a full one
