@@ -93,6 +93,11 @@ def test_make_loader_groups_a_caption_files_items_and_resumes_mid_epoch(tmp_path
     resumed = list(make_loader(data, cfg, rank=0, world=1, epoch=0, skip_batches=3))
     assert len(resumed) == 1 and resumed[0]["index"].tolist() == full[3]["index"].tolist()
 
+    for bad in (["similar_groups=4", "shards=x.tar"], ["similar_groups=9", "batch_size=8"],
+                ["itc_swap_negatives=true", "distill=false"], ["itc_swap_negatives=true", 'itm_swap_words="synthetic"']):
+        with pytest.raises(ValueError, match="similar_groups|itc_swap_negatives"):
+            TrainConfig.load(None, bad)
+
     class NoCaptions(Items):
         def __getitem__(self, i):
             return None

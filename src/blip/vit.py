@@ -1,8 +1,9 @@
 """The ViT image encoder (timm layout, as the official checkpoints store it).
 
 Pre-norm blocks, fused qkv with bias, no classification head: the output is every token after the
-final LayerNorm, which is what the text side cross-attends to. Two options for small models trained from
-scratch (VisionConfig.stem, .pool; official: "patch", "cls") are not in the official code.
+final LayerNorm, which is what the text side cross-attends to. The options for small models trained from
+scratch (VisionConfig.stem, .pool, .global_context, depth 0; official: "patch", "cls", off, 12) are not in
+the official code.
 """
 from __future__ import annotations
 

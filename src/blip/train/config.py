@@ -120,6 +120,14 @@ class TrainConfig:
             raise ValueError(f"init_scheme must be 'official' or 'clip', not {self.init_scheme!r}")
         if self.text_padding not in ("longest", "max_length"):
             raise ValueError("text_padding must be 'longest' or 'max_length'")
+        if self.similar_groups and (self.shards or self.synthetic_pairs):
+            raise ValueError("similar_groups orders a caption file's items: it needs train_files, not shards "
+                             "or synthetic_pairs")
+        if self.similar_groups and not 2 <= self.similar_groups <= self.batch_size:
+            raise ValueError(f"similar_groups must be 0 or in 2..batch_size ({self.batch_size}), "
+                             f"got {self.similar_groups}")
+        if self.itc_swap_negatives and (self.distill or not self.itm_swap_words):
+            raise ValueError("itc_swap_negatives needs distill=false and itm_swap_words (the captions it adds)")
         if self.negatives_all_rank:  # token ids are gathered across ranks: equal widths
             self.text_padding = "max_length"
         for pattern in self.lr_scales:

@@ -149,7 +149,7 @@ class SimilarTextSampler(ResumableSampler):
     Why: in-batch contrastive negatives drawn at random differ from the positive in whatever is easiest to
     see (on the synthetic corpus: colour), so nothing asks the towers for the rest; within a group they
     differ in one or two words. Each epoch (seeded): walk a random permutation, each item not yet placed
-    seeds a group with its `group - 1` nearest unplaced items (cosine of word counts), the groups are
+    seeds a group with its `group - 1` nearest unplaced items (cosine of TF-IDF word vectors), the groups are
     shuffled and cut into batches, and rank r takes batches r, r + world, ... (drop_last, as the default)."""
 
     def __init__(self, dataset, texts, batch_size: int, group: int, num_replicas: int, rank: int, seed: int):

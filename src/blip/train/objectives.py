@@ -373,11 +373,7 @@ class PretrainObjective(nn.Module):
             alpha, image_feat_m, text_feat_m = 0.0, image_feat, text_feat
             queues = (image_feat.new_zeros(image_feat.shape[1], 0),) * 2
         step = info.epoch * info.steps_per_epoch + info.step
-        neg_feat = None
-        if self.itc_swap_negatives and "neg_valid" in batch and step >= self.itm_swap_from and bool(batch["neg_valid"].any()):
-            rows = batch["neg_valid"].nonzero()[:, 0]
-            neg_feat = F.normalize(m.text_proj(m.text_encoder(batch["neg_input_ids"][rows],
-                                                              batch["neg_attention_mask"][rows], mode="text")[:, 0]).float(), dim=-1)
+        neg_feat = self.swap_text_features(batch) if self.itc_swap_negatives and step >= self.itm_swap_from else None
         with torch.autocast(images.device.type, enabled=False):
             if neg_feat is not None:
                 loss_ita, sim_i2t, sim_t2i = itc_loss_with_text_negatives(image_feat, text_feat, neg_feat, m.temp)
@@ -406,6 +402,14 @@ class PretrainObjective(nn.Module):
         return {"loss": loss, "loss_ita": loss_ita.detach(), "loss_itm": loss_itm.detach(),
                 "loss_lm": loss_lm.detach(), "alpha": alpha, "temp": m.temp.detach(),
                 "itm_prior": -(p * math.log(p) + (1 - p) * math.log(1 - p))}
+
+    def swap_text_features(self, batch: dict) -> torch.Tensor | None:
+        """ITC text features (N, D) of the batch's valid word-swapped captions; None when it has none."""
+        if "neg_valid" not in batch or not bool(batch["neg_valid"].any()):
+            return None
+        m, rows = self.model, batch["neg_valid"].nonzero()[:, 0]
+        states = m.text_encoder(batch["neg_input_ids"][rows], batch["neg_attention_mask"][rows], mode="text")
+        return F.normalize(m.text_proj(states[:, 0]).float(), dim=-1)
 
     def itm(self, image_embeds, image_feat, text_feat, ids, mask, sim_i2t, sim_t2i, kv,
             swap_ids=None, swap_mask=None, swap_valid=None) -> torch.Tensor:
