@@ -109,7 +109,7 @@ def test_trimmed_model_survives_every_save_format(models, tmp_path):
 
 def test_vocab_ids_are_checked():
     d = get_config("tiny").to_dict()
-    for bad in ([0, 100, 50], [100, 101], [0, 100, 40000], [0, 0, 100]):
+    for bad in ([0, 100, 50], [100, 101], [0, 100, 40000], [0, 0, 100], []):
         d["text"]["vocab_ids"] = bad
         with pytest.raises(ValueError, match="vocab_ids"):
             BlipConfig.from_dict(d)

@@ -103,8 +103,9 @@ class BlipConfig:
         ids = self.text.vocab_ids
         if ids is not None:
             from .tokenizer import PAD_ID, UNK_ID
-            if ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= self.text.vocab_size:
-                raise ValueError(f"text.vocab_ids must be sorted distinct ids in [0, {self.text.vocab_size})")
+            if not ids or ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= self.text.vocab_size:
+                raise ValueError(f"text.vocab_ids must be a non-empty list of sorted distinct ids in "
+                                 f"[0, {self.text.vocab_size})")
             if PAD_ID not in ids or UNK_ID not in ids:
                 raise ValueError(f"text.vocab_ids must keep [PAD] ({PAD_ID}) and [UNK] ({UNK_ID})")
         if self.vision.stem not in ("patch", "conv", "patch_conv"):
