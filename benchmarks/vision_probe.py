@@ -107,9 +107,8 @@ def run(variant: str, data, steps: int, size: int, n_shapes: int, seed: int = 0,
         clip_init(model)  # the synthetic pretraining's init
         tower, width = model.visual_encoder, model.config.vision.width
     (xtr, ytr), (xte, yte, single) = data
-    head = nn.Linear(width, ytr.shape[1])
-    if readout == "attn":  # one learned query cross-attending to every image token (as the decoder reads them)
-        head = AttnReadout(width, ytr.shape[1])
+    # attn: one learned query cross-attending to every image token (as the text side reads them)
+    head = AttnReadout(width, ytr.shape[1]) if readout == "attn" else nn.Linear(width, ytr.shape[1])
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
     g = torch.Generator().manual_seed(seed)

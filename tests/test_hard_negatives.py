@@ -90,7 +90,10 @@ def test_make_loader_groups_a_caption_files_items_and_resumes_mid_epoch(tmp_path
     for b in full:
         for g in (b["index"][:4], b["index"][4:]):
             assert len({texts[int(i)].split()[4] for i in g}) == 1
-    resumed = list(make_loader(data, cfg, rank=0, world=1, epoch=0, skip_batches=3))
+    vectors = data._text_vectors
+    resumed = make_loader(data, cfg, rank=0, world=1, epoch=0, skip_batches=3)
+    assert resumed.sampler.vectors is vectors  # computed once, not every epoch
+    resumed = list(resumed)
     assert len(resumed) == 1 and resumed[0]["index"].tolist() == full[3]["index"].tolist()
 
     for bad in (["similar_groups=4", "shards=x.tar"], ["similar_groups=9", "batch_size=8"],
@@ -105,18 +108,15 @@ def test_make_loader_groups_a_caption_files_items_and_resumes_mid_epoch(tmp_path
         make_loader(SeededItems(NoCaptions(8)), cfg, rank=0, world=1, epoch=0)
 
 
-def test_itc_with_text_negatives_is_in_batch_itc_plus_those_columns():
+def test_itc_with_extra_text_negatives_adds_those_columns_to_image_to_text_only():
     torch.manual_seed(0)
     img, txt = (F.normalize(torch.randn(6, 16), dim=-1) for _ in range(2))
     temp = torch.tensor(0.07)
     empty = torch.zeros(16, 0)
-    plain, s_i2t, s_t2i = obj.itc_loss(img, txt, img, txt, empty, empty, temp, 0.0)
-    same, n_i2t, n_t2i = obj.itc_loss_with_text_negatives(img, txt, torch.zeros(0, 16), temp)
-    torch.testing.assert_close(same, plain)
-    torch.testing.assert_close(n_i2t, s_i2t)
-    torch.testing.assert_close(n_t2i, s_t2i)
+    plain, _, _ = obj.itc_loss(img, txt, img, txt, empty, empty, temp, 0.0)
     neg = F.normalize(txt + 0.1 * torch.randn(6, 16), dim=-1).requires_grad_()  # near-copies: hard negatives
-    harder, _, _ = obj.itc_loss_with_text_negatives(img, txt, neg, temp)
+    harder, s_i2t, s_t2i = obj.itc_loss(img, txt, img, txt, empty, neg.T, temp, 0.0)
+    assert s_i2t.shape == (6, 12) and s_t2i.shape == (6, 6)
     i2t = torch.cat([img @ txt.T, img @ neg.T], 1) / temp
     expected = (F.cross_entropy(i2t, torch.arange(6)) + F.cross_entropy(txt @ img.T / temp, torch.arange(6))) / 2
     torch.testing.assert_close(harder, expected)
@@ -144,5 +144,6 @@ def test_the_objective_puts_swapped_captions_into_itc_and_needs_in_batch_itc():
     o = obj.PretrainObjective(model, distill=False, queue_size=0, itc_swap_negatives=True, itc_only_steps=1)
     feats = obj.unimodal_features(model, batch["image"], ids, mask)
     neg = F.normalize(model.text_proj(model.text_encoder(neg_ids[[0, 2]], neg_mask[[0, 2]], mode="text")[:, 0]), dim=-1)
-    expected, _, _ = obj.itc_loss_with_text_negatives(feats[1], feats[2], neg, model.temp)
+    expected, _, _ = obj.itc_loss(feats[1], feats[2], feats[1], feats[2], torch.zeros(neg.shape[1], 0), neg.T,
+                                  model.temp, 0.0)
     torch.testing.assert_close(o(batch)["loss_ita"], expected.detach(), rtol=1e-4, atol=1e-5)

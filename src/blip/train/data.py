@@ -150,16 +150,19 @@ class SimilarTextSampler(ResumableSampler):
     see (on the synthetic corpus: colour), so nothing asks the towers for the rest; within a group they
     differ in one or two words. Each epoch (seeded): walk a random permutation, each item not yet placed
     seeds a group with its `group - 1` nearest unplaced items (cosine of TF-IDF word vectors), the groups are
-    shuffled and cut into batches, and rank r takes batches r, r + world, ... (drop_last, as the default)."""
+    shuffled and cut into batches, and rank r takes batches r, r + world, ... (drop_last, as the default).
+    The vectors are dense (N x vocabulary) and the grouping costs O(N^2 / group) dot products an epoch:
+    meant for caption files of up to tens of thousands of items, not for web-scale ones."""
 
-    def __init__(self, dataset, texts, batch_size: int, group: int, num_replicas: int, rank: int, seed: int):
+    def __init__(self, dataset, texts, batch_size: int, group: int, num_replicas: int, rank: int, seed: int,
+                 vectors: np.ndarray | None = None):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, seed=seed)
         if group < 2 or group > batch_size:
             raise ValueError(f"similar_groups must be in 2..batch_size ({batch_size}), got {group}")
         if len(texts) != len(dataset):
             raise ValueError(f"{len(texts)} texts for {len(dataset)} items")
         self.batch_size, self.group = batch_size, group
-        self.vectors = _bag_of_words(texts)
+        self.vectors = _bag_of_words(texts) if vectors is None else vectors  # vectors: an earlier epoch's
 
     def _order(self) -> np.ndarray:
         n = len(self.vectors)
@@ -254,7 +257,9 @@ def make_loader(dataset, cfg, rank: int, world: int, epoch: int, skip_batches: i
         if texts is None:
             raise ValueError(f"similar_groups needs a dataset with captions (train_files), not "
                              f"{type(dataset.dataset).__name__}")
-        sampler = SimilarTextSampler(dataset, texts, cfg.batch_size, cfg.similar_groups, world, rank, cfg.seed)
+        sampler = SimilarTextSampler(dataset, texts, cfg.batch_size, cfg.similar_groups, world, rank, cfg.seed,
+                                     vectors=getattr(dataset, "_text_vectors", None))
+        dataset._text_vectors = sampler.vectors  # the texts do not change between epochs
     else:
         sampler = ResumableSampler(dataset, world, rank, seed=cfg.seed)
     sampler.set_epoch(epoch)

@@ -161,30 +161,22 @@ def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text
     """Contrastive loss against [momentum batch ; queue] with distilled targets
     alpha * softmax(momentum sims) + (1 - alpha) * positives, positives the one-hot diagonal
     (pretraining) or given: (B, B + Q) rows summing to one (retrieval: every pair of the same image).
-    Features (B, D) normalised, queues (D, Q) (Q may be 0). Returns (loss, sim_i2t, sim_t2i), sims (B, B + Q)."""
+    Features (B, D) normalised, queues (D, Q) (Q may be 0; without given positives the two queues may differ
+    in length, e.g. extra text negatives: PretrainObjective's itc_swap_negatives). Returns (loss, sim_i2t,
+    sim_t2i), sims (B, B + Q)."""
     image_all = torch.cat([image_feat_m.T, image_queue], dim=1)
     text_all = torch.cat([text_feat_m.T, text_queue], dim=1)
     with torch.no_grad():
         if positives is None:
-            positives = torch.zeros(image_feat.shape[0], image_all.shape[1], device=image_all.device)
-            positives.fill_diagonal_(1)
-        i2t_targets = alpha * (image_feat_m @ text_all / temp).softmax(1) + (1 - alpha) * positives
-        t2i_targets = alpha * (text_feat_m @ image_all / temp).softmax(1) + (1 - alpha) * positives
+            pos_i2t = torch.zeros(image_feat.shape[0], text_all.shape[1], device=text_all.device).fill_diagonal_(1)
+            pos_t2i = torch.zeros(image_feat.shape[0], image_all.shape[1], device=image_all.device).fill_diagonal_(1)
+        else:
+            pos_i2t = pos_t2i = positives
+        i2t_targets = alpha * (image_feat_m @ text_all / temp).softmax(1) + (1 - alpha) * pos_i2t
+        t2i_targets = alpha * (text_feat_m @ image_all / temp).softmax(1) + (1 - alpha) * pos_t2i
     sim_i2t = image_feat @ text_all / temp
     sim_t2i = text_feat @ image_all / temp
     loss = (soft_cross_entropy(sim_i2t, i2t_targets) + soft_cross_entropy(sim_t2i, t2i_targets)) / 2
-    return loss, sim_i2t, sim_t2i
-
-
-def itc_loss_with_text_negatives(image_feat, text_feat, neg_feat, temp):
-    """In-batch ITC (no momentum) with extra text negatives (N, D) for every image: image-to-text over the
-    batch's texts then these (NegCLIP, Yuksekgonul et al. 2023: captions with a word replaced); text-to-image
-    over the batch's images. Returns (loss, sim_i2t, sim_t2i), the sims over the batch only (B, B)."""
-    sim_i2t = image_feat @ text_feat.T / temp
-    sim_t2i = text_feat @ image_feat.T / temp
-    targets = torch.arange(image_feat.shape[0], device=image_feat.device)
-    i2t_all = torch.cat([sim_i2t, image_feat @ neg_feat.T / temp], dim=1)
-    loss = (F.cross_entropy(i2t_all, targets) + F.cross_entropy(sim_t2i, targets)) / 2
     return loss, sim_i2t, sim_t2i
 
 
@@ -374,12 +366,10 @@ class PretrainObjective(nn.Module):
             queues = (image_feat.new_zeros(image_feat.shape[1], 0),) * 2
         step = info.epoch * info.steps_per_epoch + info.step
         neg_feat = self.swap_text_features(batch) if self.itc_swap_negatives and step >= self.itm_swap_from else None
+        if neg_feat is not None:  # image-to-text gets these columns too (ITM draws among the batch's, [:, :B])
+            queues = (queues[0], torch.cat([queues[1], neg_feat.T], dim=1))
         with torch.autocast(images.device.type, enabled=False):
-            if neg_feat is not None:
-                loss_ita, sim_i2t, sim_t2i = itc_loss_with_text_negatives(image_feat, text_feat, neg_feat, m.temp)
-            else:
-                loss_ita, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, *queues,
-                                                      m.temp, alpha)
+            loss_ita, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, *queues, m.temp, alpha)
         if step < self.itc_only_steps:
             # ITC alone first: from scratch, ITM's hard negatives and LM's grounding need aligned features
             # to learn from, and an ITC-only step costs a fraction of a full one
