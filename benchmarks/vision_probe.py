@@ -10,11 +10,13 @@ the official patch stem and [CLS] token, the convolutional stem (vision.stem="co
 token 0 after the final LayerNorm (vision.pool="max") or before it (vision.pool="max_prenorm"), and as a
 reference a plain 4-layer CNN with global max pooling.
 With --readout attn the head is one learned query cross-attending to all of the tower's tokens (as the text
-side reads an image) instead of a linear layer on token 0.
-Writes benchmarks/results/vision_probe.json (_seeds with several --seeds, _attn with --readout attn).
+side reads an image) instead of a linear layer on token 0. With --whiten the conv stems' first convolution
+starts as the whitening of the first 256 training images' 3x3 patches (TrainConfig.whiten_stem).
+Writes benchmarks/results/vision_probe.json (_seeds with several --seeds, _attn with --readout attn, _whiten,
+_lrX / _bN when --lr / --batch are not 1e-3 / 64).
 
     python benchmarks/vision_probe.py [--corpus runs/synthetic] [--steps 300] [--variants patch,conv_max,...] [--seeds 0,1]
-                                      [--readout token0|attn]
+                                      [--readout token0|attn] [--whiten] [--lr 1e-3] [--batch 64]
 """
 from __future__ import annotations
 
@@ -96,7 +98,8 @@ def _read(tokens, readout):
     return tokens if readout == "attn" else tokens[:, 0]
 
 
-def run(variant: str, data, steps: int, size: int, n_shapes: int, seed: int = 0, readout: str = "token0") -> dict:
+def run(variant: str, data, steps: int, size: int, n_shapes: int, seed: int = 0, readout: str = "token0",
+        lr: float = 1e-3, batch: int = 64, whiten: bool = False) -> dict:
     import blip
     from blip.train.init_weights import clip_init
     torch.manual_seed(seed)
@@ -107,16 +110,19 @@ def run(variant: str, data, steps: int, size: int, n_shapes: int, seed: int = 0,
         clip_init(model)  # the synthetic pretraining's init
         tower, width = model.visual_encoder, model.config.vision.width
     (xtr, ytr), (xte, yte, single) = data
+    if whiten:  # TrainConfig.whiten_stem: the first convolution whitens the first 256 training images' patches
+        from blip.train.init_weights import whiten_stem
+        whiten_stem(tower, xtr[:256])
     # attn: one learned query cross-attending to every image token (as the text side reads them)
     head = AttnReadout(width, ytr.shape[1]) if readout == "attn" else nn.Linear(width, ytr.shape[1])
     params = list(tower.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     g = torch.Generator().manual_seed(seed)
     curve, t0 = [], time.perf_counter()
     for step in range(1, steps + 1):
         for group in opt.param_groups:
-            group["lr"] = 1e-3 * min(1.0, step / 30)
-        idx = torch.randint(0, len(xtr), (64,), generator=g)
+            group["lr"] = lr * min(1.0, step / 30)
+        idx = torch.randint(0, len(xtr), (batch,), generator=g)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             z = head(_read(tower(xtr[idx]), readout)).float()
         F.binary_cross_entropy_with_logits(z, ytr[idx]).backward()
@@ -144,6 +150,9 @@ def main() -> None:
     ap.add_argument("--held-out", type=int, default=800)
     ap.add_argument("--seeds", default="0", help="comma-separated init/data-order seeds; each variant runs once per seed")
     ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "conv_depth0_ctx"))
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--whiten", action="store_true", help="conv stems: whiten_stem's first-layer init")
     ap.add_argument("--readout", default="token0", choices=["token0", "attn"],
                     help="token0: a linear layer on token 0; attn: one learned query cross-attending to all tokens")
     args = ap.parse_args()
@@ -166,9 +175,13 @@ def main() -> None:
         for seed in seeds:
             name = v if len(seeds) == 1 else f"{v}/seed{seed}"
             result["variants"][name + ("" if args.readout == "token0" else "/" + args.readout)] = run(
-                v, (train, (xte, yte, single)), args.steps, args.size, len(shapes), seed, args.readout)
+                v, (train, (xte, yte, single)), args.steps, args.size, len(shapes), seed, args.readout, args.lr, args.batch,
+                args.whiten and VARIANTS[v] is not None and VARIANTS[v]["vision.stem"] != "patch")
     result["readout"] = args.readout
     name = "vision_probe" + ("" if len(seeds) == 1 else "_seeds") + ("" if args.readout == "token0" else "_attn")
+    name += ("" if args.lr == 1e-3 else f"_lr{args.lr:g}") + ("" if args.batch == 64 else f"_b{args.batch}") \
+        + ("_whiten" if args.whiten else "")
+    result["lr"], result["batch"], result["whiten"] = args.lr, args.batch, args.whiten
     write(name, result)
 
 

@@ -28,6 +28,8 @@ class TrainConfig:
     #                                        .pth, HF folder or hub id, our folder): the task's parts are loaded
     init_scheme: str = "official"          # from-scratch init: "official" (timm / BERT, std 0.02) or "clip"
     #                                        (CLIP's larger ViT and attention query/key init: train/init_weights)
+    whiten_stem: bool = False              # a from-scratch conv stem's first convolution set to whiten the first
+    #                                        training images' 3x3 patches (train/init_weights.whiten_stem)
     vocab_from: list[str] | None = None    # keep only the tokens these JSON annotation files use (and the special
     #                                        tokens) in the text embeddings and LM head (blip.vocab). None: all
     # data
@@ -118,6 +120,8 @@ class TrainConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}")
         if self.init_scheme not in ("official", "clip"):
             raise ValueError(f"init_scheme must be 'official' or 'clip', not {self.init_scheme!r}")
+        if self.whiten_stem and (self.init or self.init_vision):
+            raise ValueError("whiten_stem initialises a from-scratch image tower; init / init_vision load one")
         if self.text_padding not in ("longest", "max_length"):
             raise ValueError("text_padding must be 'longest' or 'max_length'")
         if self.similar_groups and (self.shards or self.synthetic_pairs):

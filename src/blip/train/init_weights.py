@@ -171,3 +171,33 @@ def clip_init(model) -> list[str]:
             torch.nn.init.normal_(m.key.weight, std=std)
             done.append(name)
     return done
+
+
+@torch.no_grad()
+def whiten_stem(vision, images: torch.Tensor, eps: float = 5e-4) -> int:
+    """Set a convolutional stem's first 3x3 convolution to whiten the training images' 3x3 patches: filter
+    pairs +-v_i / sqrt(lambda_i + eps) for the top eigenvectors v_i of the patch covariance (the rest keep
+    their init), as the fast CIFAR-10 trainers (airbench) start. Why: edge and colour-contrast detectors
+    from step one instead of after a few hundred steps, which is when a from-scratch stem starts telling
+    shapes apart (benchmarks/vision_probe.py --whiten). `images`: (N, 3, H, W) as the model sees them
+    (normalised). Returns how many filters were set."""
+    stem = getattr(vision.patch_embed, "conv", vision.patch_embed)  # patch_conv: its conv branch
+    first = stem.stem[0] if hasattr(stem, "stem") else None
+    if not isinstance(first, torch.nn.Conv2d) or first.kernel_size != (3, 3) or first.in_channels != 3:
+        raise ValueError("whiten_stem needs a convolutional stem (vision.stem 'conv' or 'patch_conv')")
+    dim, cov, count = 27, torch.zeros(27, 27, dtype=torch.float64), 0
+    total = torch.zeros(27, dtype=torch.float64)
+    per_chunk = max(1, 2_000_000 // (images.shape[-2] * images.shape[-1]))  # ~200 MB of patches at a time
+    for chunk in images.split(per_chunk):
+        p = torch.nn.functional.unfold(chunk.double(), 3, padding=1).transpose(1, 2).reshape(-1, dim)
+        cov += p.T @ p
+        total += p.sum(0)
+        count += len(p)
+    mean = total / count
+    cov = cov / count - torch.outer(mean, mean)
+    values, vectors = torch.linalg.eigh(cov)  # ascending
+    n = min(first.out_channels // 2, dim)
+    top = (vectors[:, -n:].flip(1) / (values[-n:].flip(0).clamp_min(0) + eps).sqrt()).T
+    weight = torch.cat([top, -top]).reshape(2 * n, 3, 3, 3)
+    first.weight[:2 * n].copy_(weight.to(first.weight.dtype))
+    return 2 * n

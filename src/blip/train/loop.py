@@ -30,7 +30,7 @@ from . import distributed as dist
 from .config import TrainConfig
 from . import tasks
 from .data import SeededItems, WordSwap, batches_per_epoch, make_loader
-from .init_weights import clip_init, load_bert_text, load_init, load_vit, read_init, summary
+from .init_weights import clip_init, load_bert_text, load_init, load_vit, read_init, summary, whiten_stem
 from .objectives import PretrainObjective, StepInfo
 from .schedule import build_schedule
 
@@ -45,6 +45,24 @@ def objective_from_config(cfg: TrainConfig, model) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------------------ RNG state
+def first_images(dataset, n: int = 256) -> torch.Tensor:
+    """The images of the dataset's first n items (fewer if it has fewer), as the model sees them: the data the
+    stem whitening is computed from. Items as the training batches get them (SeededItems: epoch 0's seeds);
+    the global RNG state is left as it was."""
+    state = rng_state()
+    try:
+        if isinstance(dataset, torch.utils.data.IterableDataset):
+            items = [it for _, it in zip(range(n), dataset)]
+        else:
+            items = [dataset[i] for i in range(min(n, len(dataset)))]
+    finally:
+        set_rng_state(state)
+    images = [it["image"] for it in items if it is not None]
+    if not images:
+        raise ValueError("whiten_stem: the training data has no images")
+    return torch.stack(images).float()
+
+
 def rng_state() -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -250,6 +268,17 @@ class Trainer:
         self.init_report = self._init_weights(model, init[1] if init else None)
         del init
         model = self._vocabulary(model)
+        if dataset is None:
+            dataset = self.task.train_dataset(cfg, model.config.vision.image_size, self.rank, self.world)
+        if not isinstance(dataset, torch.utils.data.IterableDataset) and not isinstance(dataset, SeededItems):
+            dataset = SeededItems(dataset, seed=cfg.seed, swap=WordSwap.build(cfg.itm_swap_words))
+        self.dataset = dataset
+        if cfg.whiten_stem:  # before the objective copies the towers into momentum ones; DDP then sends rank 0's
+            images = first_images(dataset)
+            self.init_report["whiten_stem"] = whiten_stem(model.visual_encoder, images)
+            if self.main:
+                print(f"blip: stem whitened: {self.init_report['whiten_stem']} first-layer filters from the "
+                      f"3x3 patches of {len(images)} training images", flush=True)
         self.objective = objective_fn(cfg, model).to(self.device)
         self.model = model
         self.collate = self.task.collate(cfg)
@@ -267,11 +296,6 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.objective, device_ids=ids, broadcast_buffers=False,
                                                find_unused_parameters=cfg.itc_only_steps > 0)  # ITC-only steps
-        if dataset is None:
-            dataset = self.task.train_dataset(cfg, model.config.vision.image_size, self.rank, self.world)
-        if not isinstance(dataset, torch.utils.data.IterableDataset) and not isinstance(dataset, SeededItems):
-            dataset = SeededItems(dataset, seed=cfg.seed, swap=WordSwap.build(cfg.itm_swap_words))
-        self.dataset = dataset
         micro = batches_per_epoch(dataset, cfg, self.world)
         available = micro // cfg.grad_accum if micro is not None else cfg.steps_per_epoch
         self.steps_per_epoch = min(cfg.steps_per_epoch, available) if cfg.steps_per_epoch else available

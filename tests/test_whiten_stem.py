@@ -1,0 +1,73 @@
+"""TrainConfig.whiten_stem: a from-scratch conv stem's first convolution whitens the training images' 3x3
+patches (train/init_weights.whiten_stem)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import blip
+from blip.train.config import TrainConfig
+from blip.train.init_weights import whiten_stem
+from blip.train.loop import Trainer, first_images
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _conv_tower(stem="conv"):
+    torch.manual_seed(0)
+    return blip.create_model("tiny", task="feature", device="cpu", **{"vision.stem": stem}).visual_encoder
+
+
+def _correlated_images(n=24, size=32, seed=0):
+    """Smooth images whose channels are correlated: their patch covariance is far from the identity."""
+    g = torch.Generator().manual_seed(seed)
+    base = F.avg_pool2d(torch.randn(n, 1, size, size, generator=g), 5, 1, 2)
+    return torch.cat([base, 0.8 * base + 0.2 * torch.randn(n, 1, size, size, generator=g), -base], 1) * 3 + 1
+
+
+@pytest.mark.parametrize("stem", ["conv", "patch_conv"])
+def test_the_first_filters_whiten_the_patches(stem):
+    tower = _conv_tower(stem)
+    conv = getattr(tower.patch_embed, "conv", tower.patch_embed).stem[0]
+    untouched = conv.weight[32:].clone() if conv.out_channels > 32 else None
+    images = _correlated_images()
+    n = whiten_stem(tower, images, eps=0.0)
+    assert n == 2 * min(conv.out_channels // 2, 27) and n > 0
+    with torch.no_grad():
+        out = F.conv2d(images, conv.weight[:n // 2], padding=1).permute(0, 2, 3, 1).reshape(-1, n // 2).double()
+    cov = torch.cov(out.T)
+    # unit variance, uncorrelated: the directions the images vary least in are scaled up, not lost
+    assert torch.allclose(cov, torch.eye(n // 2, dtype=torch.float64), atol=1e-2)
+    # the second half are the same filters negated (a ReLU keeps both signs of every edge)
+    assert torch.equal(conv.weight[n // 2:n], -conv.weight[:n // 2])
+    if untouched is not None:
+        assert torch.equal(conv.weight[32:], untouched)
+
+
+def test_a_patch_stem_or_a_loaded_tower_is_refused():
+    with pytest.raises(ValueError, match="convolutional stem"):
+        whiten_stem(_conv_tower("patch"), _correlated_images())
+    with pytest.raises(ValueError, match="from-scratch"):
+        TrainConfig.load(None, ["model=tiny", "whiten_stem=true", "init_vision=vit.pth"])
+
+
+def test_training_starts_from_the_whitened_stem_of_its_first_images(tmp_path):
+    args = ["model=tiny", "model_overrides={\"vision.stem\": \"conv\"}", "synthetic_pairs=16", "batch_size=4",
+            "queue_size=16", "epochs=1", "steps_per_epoch=1", "progress=false", "ckpt_interval=0", "device=cpu"]
+    plain = Trainer(TrainConfig.load(None, args), tmp_path / "plain")
+    whitened = Trainer(TrainConfig.load(None, args + ["whiten_stem=true"]), tmp_path / "whitened")
+    try:
+        first = [t.model.visual_encoder.patch_embed.stem[0].weight.detach().clone() for t in (plain, whitened)]
+        assert not torch.equal(*first)
+        expected = _conv_tower()
+        expected.load_state_dict(plain.model.visual_encoder.state_dict())
+        whiten_stem(expected, first_images(plain.dataset))
+        assert torch.equal(expected.patch_embed.stem[0].weight, first[1])
+        # the momentum tower starts as the whitened one, and the batches do not depend on the whitening
+        m = next(p for n, p in whitened.objective.named_parameters() if n.endswith("visual_encoder_m.patch_embed.stem.0.weight"))
+        assert torch.equal(m, first[1])
+        a, b = (next(iter(t._batches()))["image"] for t in (plain, whitened))
+        assert torch.equal(a, b)
+    finally:
+        plain.close()
+        whitened.close()
+    assert whitened.train()["finished"]
