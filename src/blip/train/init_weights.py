@@ -185,8 +185,8 @@ def whiten_stem(vision, images: torch.Tensor, eps: float = 5e-4) -> int:
     first = stem.stem[0] if hasattr(stem, "stem") else None
     if not isinstance(first, torch.nn.Conv2d) or first.kernel_size != (3, 3) or first.in_channels != 3:
         raise ValueError("whiten_stem needs a convolutional stem (vision.stem 'conv' or 'patch_conv')")
-    dim, cov, count = 27, torch.zeros(27, 27, dtype=torch.float64), 0
-    total = torch.zeros(27, dtype=torch.float64)
+    dim, count = 27, 0  # 3 channels x 3 x 3
+    cov, total = torch.zeros(dim, dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64)
     per_chunk = max(1, 2_000_000 // (images.shape[-2] * images.shape[-1]))  # ~200 MB of patches at a time
     for chunk in images.split(per_chunk):
         p = torch.nn.functional.unfold(chunk.double(), 3, padding=1).transpose(1, 2).reshape(-1, dim)

@@ -44,7 +44,6 @@ def objective_from_config(cfg: TrainConfig, model) -> torch.nn.Module:
     return tasks.build_objective(cfg.task, model, **tasks.objective_options(cfg.task, cfg))
 
 
-# ------------------------------------------------------------------------------ RNG state
 def first_images(dataset, n: int = 256) -> torch.Tensor:
     """The images of the dataset's first n items (fewer if it has fewer), as the model sees them: the data the
     stem whitening is computed from. Items as the training batches get them (SeededItems: epoch 0's seeds);
@@ -63,6 +62,7 @@ def first_images(dataset, n: int = 256) -> torch.Tensor:
     return torch.stack(images).float()
 
 
+# ------------------------------------------------------------------------------ RNG state
 def rng_state() -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -275,10 +275,10 @@ class Trainer:
         self.dataset = dataset
         if cfg.whiten_stem:  # before the objective copies the towers into momentum ones; DDP then sends rank 0's
             images = first_images(dataset)
-            self.init_report["whiten_stem"] = whiten_stem(model.visual_encoder, images)
+            filters = whiten_stem(model.visual_encoder, images)
             if self.main:
-                print(f"blip: stem whitened: {self.init_report['whiten_stem']} first-layer filters from the "
-                      f"3x3 patches of {len(images)} training images", flush=True)
+                print(f"blip: stem whitened: {filters} first-layer filters from the 3x3 patches of "
+                      f"{len(images)} training images", flush=True)
         self.objective = objective_fn(cfg, model).to(self.device)
         self.model = model
         self.collate = self.task.collate(cfg)
