@@ -182,3 +182,27 @@ def test_objective_options_keep_a_none_value_but_take_the_tasks_own_defaults():
     set_ = objective_options("retrieval", TrainConfig.from_dict(dict(task="retrieval", max_length=20,
                                                                      alpha_ramp_epochs=3)))
     assert set_["max_length"] == 20 and set_["alpha_ramp_epochs"] == 3
+
+
+def test_image_words_loss_matches_a_direct_computation_and_trains_the_tower():
+    torch.manual_seed(0)
+    rows = torch.tensor([[0, 3, 5, 3, 2], [0, 4, 2, -100, -100]])  # [CLS]-first rows, pads -100
+    words = obj.caption_words(rows, 6)
+    assert words.tolist() == [[0, 0, 1, 1, 0, 1], [0, 0, 1, 0, 1, 0]]  # the first column ([CLS]) skipped
+    patch_logits = torch.randn(2, 5, 6)
+    best = patch_logits.amax(1)
+    direct = torch.stack([sum(-(w * math.log(torch.sigmoid(x)) + (1 - w) * math.log(1 - torch.sigmoid(x)))
+                              for x, w in zip(best[b], words[b])) / words[b].sum() for b in range(2)]).mean()
+    assert torch.allclose(obj.image_words_loss(patch_logits, words), direct, atol=1e-5)
+
+    model = blip.create_model("tiny", task="pretrain", device="cpu")
+    batch = tiny_batch(model)
+    o = obj.PretrainObjective(model, queue_size=0, distill=False, image_words=0.5).eval()
+    out = o(batch, obj.StepInfo(0, 3, 10))
+    expected = out["loss_ita"] + out["loss_itm"] + out["loss_lm"] + 0.5 * out["loss_words"]
+    assert torch.allclose(out["loss"].detach(), expected)
+    out["loss"].backward()
+    assert o.word_head.weight.grad.abs().sum() > 0  # the head starts at zero: its weights learn first
+    assert "word_head.weight" not in model.state_dict()  # a training-only head, not saved with the model
+    plain = obj.PretrainObjective(model, queue_size=0, distill=False).eval()
+    assert "loss_words" not in plain(batch, obj.StepInfo(0, 3, 10)) and not hasattr(plain, "word_head")

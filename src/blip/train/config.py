@@ -87,6 +87,8 @@ class TrainConfig:
     itc_only_steps: int = 0                # first N optimizer steps train ITC alone (ITM and LM not computed)
     itm_pairs: int | None = None           # ITM on the first N pairs of each batch only (None: all, official)
     itc_swap_negatives: bool = False       # the word-swap captions are ITC text negatives too (distill=False)
+    image_words: float = 0.0               # weight of an extra loss: the image tower's patches predict which
+    #                                        vocabulary words the caption holds (SuperClass-style); 0: off (official)
     distill: bool = True                   # momentum towers + distilled ITC targets (official); False: in-batch
     #                                        InfoNCE on the online features (needs queue_size 0)
     itm_swap_words: Any = None             # ITM negatives: each caption with one word of a group replaced by

@@ -296,6 +296,25 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float 
     return _SmoothedCrossEntropy.apply(logits, targets, float(label_smoothing), chunk)
 
 
+def caption_words(rows: torch.Tensor, n: int, skip: int = 1) -> torch.Tensor:
+    """Multi-hot (B, n) of the rows (B, T) each caption holds; -100 ignored, and the first `skip` columns
+    ([CLS] or [DEC]) too. The closing [SEP] stays: a constant target, learnt as a bias."""
+    rows = rows[:, skip:]
+    hot = torch.zeros(rows.shape[0], n + 1, device=rows.device)
+    hot.scatter_(1, rows.masked_fill(rows < 0, n), 1.0)
+    return hot[:, :n]
+
+
+def image_words_loss(patch_logits: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """Which words the caption holds, read from the image alone: every patch scores every word, a word's
+    score is its best patch's (multiple-instance: one patch holding the object is enough), and the loss is
+    per-word binary cross-entropy summed over the vocabulary, divided by the caption's number of distinct
+    words and averaged over the batch. patch_logits (B, P, V), words (B, V) multi-hot."""
+    logits = patch_logits.float().amax(1)
+    bce = F.binary_cross_entropy_with_logits(logits, words, reduction="none").sum(1)
+    return (bce / words.sum(1).clamp(min=1)).mean()
+
+
 def unimodal_features(model, images, ids, mask):
     """(ViT states, normalised ITC image features, normalised ITC text features), the temperature clamped to
     [0.001, 0.5] first, as the official pretraining and retrieval forwards begin."""
@@ -325,7 +344,8 @@ class PretrainObjective(nn.Module):
                  alpha_ramp_epochs: float = 2, negatives_all_rank: bool = False, label_smoothing: float = 0.1,
                  queue_init: str = "empty", itc_only_steps: int = 0, distill: bool = True,
                  loss_weights: dict | None = None, itm_hard_from: int | None = 0,
-                 itm_swap_from: int = 0, itm_pairs: int | None = None, itc_swap_negatives: bool = False):
+                 itm_swap_from: int = 0, itm_pairs: int | None = None, itc_swap_negatives: bool = False,
+                 image_words: float = 0.0):
         super().__init__()
         if itc_swap_negatives and distill:
             raise ValueError("itc_swap_negatives adds text negatives to in-batch ITC: it needs distill=False")
@@ -349,6 +369,12 @@ class PretrainObjective(nn.Module):
         self.alpha, self.alpha_ramp_epochs = alpha, alpha_ramp_epochs
         self.negatives_all_rank = negatives_all_rank
         self.label_smoothing = label_smoothing
+        self.image_words = image_words
+        if image_words:  # a training-only head: not part of the saved model
+            head = model.text_decoder.cls.predictions.decoder
+            self.word_head = nn.Linear(model.vision_proj.in_features, head.out_features)
+            nn.init.zeros_(self.word_head.weight)
+            nn.init.constant_(self.word_head.bias, -math.log(head.out_features))
 
     def forward(self, batch: dict, info: StepInfo = StepInfo()) -> dict:
         m = self.model
@@ -389,7 +415,14 @@ class PretrainObjective(nn.Module):
         p = n / (3 * n + swaps)  # ITM's positive share: a head that learnt nothing sits at H(p)
         w = self.weights
         loss = w["ita"] * loss_ita + w["itm"] * loss_itm + w["lm"] * loss_lm
-        return {"loss": loss, "loss_ita": loss_ita.detach(), "loss_itm": loss_itm.detach(),
+        out = {}
+        if self.image_words:
+            words = caption_words(m.text_decoder.cls.target_rows(ids.masked_fill(mask == 0, -100)),
+                                  self.word_head.out_features)
+            loss_words = image_words_loss(self.word_head(image_embeds[:, 1:]), words)
+            loss = loss + self.image_words * loss_words
+            out["loss_words"] = loss_words.detach()
+        return {"loss": loss, **out, "loss_ita": loss_ita.detach(), "loss_itm": loss_itm.detach(),
                 "loss_lm": loss_lm.detach(), "alpha": alpha, "temp": m.temp.detach(),
                 "itm_prior": -(p * math.log(p) + (1 - p) * math.log(1 - p))}
 
