@@ -1,13 +1,14 @@
-"""Does the Grad-CAM heat map point at the object the text names? A pointing game on the synthetic corpus.
+"""Does the grounding heat map point at the object the text names? A pointing game on the synthetic corpus.
 
-    python benchmarks/grounding_quality.py MODEL [--corpus runs/synthetic] [--limit N] [--block B] [--json]
+    python benchmarks/grounding_quality.py MODEL [--corpus runs/synthetic] [--limit N] [--method M] [--block B] [--json]
 
 For every test image with two or more objects, each object is named by its colour and shape ("a red
 circle"); a hit is the peak of the heat map (upsampled to the image, as `blip ground` draws it) falling
 inside that object's box (centre +- radius, from the scene in metadata.json). Reported for the whole-text
 map and for the shape word's map, next to chance (the box's share of the image) and the rate at which the
 peak lands on another object of the scene instead. MODEL is anything `blip.load` reads with an ITM head
-(a preset name gives random weights, to check that the script runs).
+(a preset name gives random weights, to check that the script runs). --method: blip.grounding's "auto"
+(default), "gradcam" or "saliency"; "all" scores each in turn.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def _peak_pixel(heat: torch.Tensor, size: tuple[int, int]) -> tuple[int, int]:
     return i % w, i // w
 
 
-def evaluate(model, corpus: str, limit: int | None = None, block: int | None = None) -> dict:
+def evaluate(model, corpus: str, limit: int | None = None, block: int | None = None, method: str = "auto") -> dict:
     from PIL import Image
     from blip.grounding import gradcam
     root = Path(corpus)
@@ -56,7 +57,7 @@ def evaluate(model, corpus: str, limit: int | None = None, block: int | None = N
         area = image.width * image.height
         objects = e["scene"]["objects"]
         for k, o in enumerate(objects):
-            res = gradcam(model, image, f"a {o['color']} {o['shape']}", block=block)
+            res = gradcam(model, image, f"a {o['color']} {o['shape']}", block=block, method=method)
             words = res["words"]
             shape_map = res["word_maps"][words.index(o["shape"])] if o["shape"] in words else res["text_map"]
             x0, y0, x1, y1 = _box(o)
@@ -68,7 +69,7 @@ def evaluate(model, corpus: str, limit: int | None = None, block: int | None = N
             n += 1
     if n == 0:
         raise ValueError(f"no test image with two or more objects in {meta_path}")
-    return {"queries": n, "images": len(entries), "block": res["block"],
+    return {"queries": n, "images": len(entries), "method": res["method"], "block": res["block"],
             "pointing_text": hits["text"] / n, "pointing_shape_word": hits["shape"] / n,
             "on_other_object_text": other["text"] / n, "on_other_object_shape_word": other["shape"] / n,
             "chance": chance / n}
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("model")
     ap.add_argument("--corpus", default="runs/synthetic", help="folder `blip data synth` wrote")
     ap.add_argument("--limit", type=int, help="first N two-object test images only")
-    ap.add_argument("--block", type=int, help="text encoder layer (default: depth // 2)")
+    ap.add_argument("--method", default="auto", choices=["auto", "gradcam", "saliency", "all"])
+    ap.add_argument("--block", type=int, help="gradcam: text encoder layer (default: depth // 2)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", action="store_true", help="one JSON object")
     args = ap.parse_args(argv)
@@ -93,16 +95,19 @@ def main(argv=None) -> int:
             model = blip.create_model(args.model, task="retrieval", device=args.device)
         else:
             model = blip.load(args.model, device=args.device)
-        result = evaluate(model.eval(), args.corpus, limit=args.limit, block=args.block)
+        methods = ["gradcam", "saliency"] if args.method == "all" else [args.method]
+        results = [evaluate(model.eval(), args.corpus, limit=args.limit, block=args.block, method=m) for m in methods]
     except (OSError, ValueError) as e:
         print(f"grounding_quality: error: {e}", file=sys.stderr)
         return 2
+    result = results[0] if len(results) == 1 else {"by_method": {r["method"]: r for r in results}}
     result.update(model=str(args.model), seconds=round(time.perf_counter() - t0, 1))
     if args.json:
         print(json.dumps(result))
         return 0
-    for key, value in result.items():
-        print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+    for r in results:
+        for key, value in r.items():
+            print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
     return 0
 
 

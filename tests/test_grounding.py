@@ -132,3 +132,51 @@ def test_cli_writes_pngs(image, tmp_path, capsys):
     assert (tmp_path / "heat_02_circle.png").is_file()
     rc = main(["ground", str(path), "--text", "a red circle", "--model", "tiny", "--out", str(out), "--word", "dog"])
     assert rc == 2 and "not a word of the text" in capsys.readouterr().err
+
+
+def _saliency_reference(model, image, text, drop=()):
+    """relu(sum_c grad * input) on the patch tokens, for the ITM match logit, with the token positions in
+    `drop` left out of the text's attention mask."""
+    ids, mask = model._texts([text], 35, ENC_ID)
+    mask = mask.clone()
+    mask[0, list(drop)] = 0
+    with torch.no_grad():
+        states = model.visual_encoder(model.pixels(image))
+    states.requires_grad_()
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(model.itm_logits(states, ids, mask)[0, 1], states)
+    return (grad * states.detach())[0, 1:].sum(-1).clamp(min=0).view(4, 4)
+
+
+def _minmax(x):
+    return (x - x.min()) / (x.max() - x.min())
+
+
+def test_saliency_matches_direct_computation(model, image):
+    text = "a red circle next to a bluish star"
+    res = gradcam(model, image, text, method="saliency")
+    assert res["method"] == "saliency" and res["block"] is None and "token_cams" not in res
+    whole = _saliency_reference(model, image, text)
+    assert whole.max() > 0
+    torch.testing.assert_close(res["text_map"], _minmax(whole), rtol=1e-4, atol=1e-5)
+    # a word's map: what the text's map loses without it ("bluish" = pieces 7 and 8 after [ENC])
+    lost = (whole - _saliency_reference(model, image, text, drop=(7, 8))).clamp(min=0)
+    assert lost.max() > 0
+    torch.testing.assert_close(res["word_maps"][6], _minmax(lost), rtol=1e-3, atol=1e-4)
+    assert res["word_maps"].shape == (8, 4, 4)
+    assert res["itm"] == pytest.approx(float(model.match(image, text)["itm"][0]), abs=1e-5)
+    with pytest.raises(ValueError, match="method must be one of"):
+        gradcam(model, image, text, method="cam")
+
+
+def test_auto_method_follows_the_towers_global_context(image, tmp_path, capsys):
+    torch.manual_seed(0)
+    m = blip.create_model("tiny", task="retrieval", **{"vision.global_context": True, "vision.pool": "max"}).eval()
+    assert gradcam(m, image, "a red circle")["method"] == "saliency"
+    assert gradcam(blip.create_model("tiny", task="retrieval").eval(), image, "a red circle")["method"] == "gradcam"
+    path, out = tmp_path / "img.png", tmp_path / "heat.png"
+    image.save(path)
+    assert main(["ground", str(path), "--text", "a red circle", "--model", "tiny", "--out", str(out),
+                 "--method", "saliency", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["method"] == "saliency" and record["block"] is None and out.is_file()

@@ -82,7 +82,8 @@ def vqa(model, payloads: list[tuple[torch.Tensor, list[str], list[str] | None]])
 
 
 def ground(model, payloads: list) -> list[dict]:
-    """Grad-CAM of the ITM score over the patch grid (runs outside inference mode: it needs gradients)."""
+    """The grounding heat maps of the ITM score over the patch grid (`blip.grounding.gradcam`, method "auto";
+    runs outside inference mode: it needs gradients)."""
     from blip import grounding
     (image, text), = payloads
     g = grounding.gradcam(model, image, text)
@@ -90,7 +91,7 @@ def ground(model, payloads: list) -> list[dict]:
     small = _fit(image, 384)
     return [{
         "text": text, "words": list(g["words"]), "tokens": list(g["tokens"]), "itm": float(g["itm"]),
-        "grid": list(g["grid"]), "text_map": text_map.tolist(), "word_maps": word_maps.tolist(),
+        "grid": list(g["grid"]), "method": g["method"], "text_map": text_map.tolist(), "word_maps": word_maps.tolist(),
         "overlay": _b64(grounding.overlay(small, text_map), "PNG"),
         "word_overlays": [_b64(grounding.overlay(small, m), "PNG") for m in word_maps],
     }]
