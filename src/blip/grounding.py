@@ -8,8 +8,7 @@ Two methods (`gradcam(..., method=)`):
   map is the mean of its word pieces' maps, the text's map the mean over all its tokens.
 - "saliency": gradient x input on the image tower's output patch tokens, relu of the sum over channels
   (Grad-CAM's product at the last layer that keeps the image's layout). The text's map differentiates the
-  ITM logit; a word's map lets the gradient reach the image only through that word's cross-attention
-  reads (every other text row's cross-attention output passes no gradient back), in every layer.
+  ITM logit; a word's map is what the text's map loses when the word is left out.
 "auto" (the default) takes "saliency" for an image tower whose patch tokens all carry the pooled token
 (VisionConfig.global_context): there the text side need not attend to the object to see it, so the
 cross-attention maps do not point at it, and "gradcam" otherwise (the official towers). The text is fed
