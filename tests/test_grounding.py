@@ -173,6 +173,9 @@ def test_auto_method_follows_the_towers_global_context(image, tmp_path, capsys):
     torch.manual_seed(0)
     m = blip.create_model("tiny", task="retrieval", **{"vision.global_context": True, "vision.pool": "max"}).eval()
     assert gradcam(m, image, "a red circle")["method"] == "saliency"
+    assert gradcam(m, image, "a red circle", block=0)["method"] == "gradcam"  # a layer asked for: Grad-CAM
+    with pytest.raises(ValueError, match="block picks"):
+        gradcam(m, image, "a red circle", block=0, method="saliency")
     assert gradcam(blip.create_model("tiny", task="retrieval").eval(), image, "a red circle")["method"] == "gradcam"
     path, out = tmp_path / "img.png", tmp_path / "heat.png"
     image.save(path)

@@ -10,7 +10,7 @@ Two methods (`gradcam(..., method=)`):
   (Grad-CAM's product at the last layer that keeps the image's layout). The text's map differentiates the
   ITM logit; a word's map is what the text's map loses when the word is left out.
 "auto" (the default) takes "saliency" for an image tower whose patch tokens all carry the pooled token
-(VisionConfig.global_context): there the text side need not attend to the object to see it, so the
+(VisionConfig.global_context), unless a Grad-CAM layer (block) is given: there the text side need not attend to the object to see it, so the
 cross-attention maps do not point at it, and "gradcam" otherwise (the official towers). The text is fed
 [ENC] first, as in matching; [ENC] and [SEP] have no map.
 """
@@ -71,8 +71,10 @@ def gradcam(model, image, text: str, block: int | None = None, max_length: int =
         raise TypeError(f"text must be a string, got {repr(text)[:60]}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
-    if method == "auto":
-        method = "saliency" if getattr(model.config.vision, "global_context", False) else "gradcam"
+    if method == "auto":  # a layer asked for is a Grad-CAM layer
+        method = "saliency" if block is None and getattr(model.config.vision, "global_context", False) else "gradcam"
+    if method == "saliency" and block is not None:
+        raise ValueError("block picks the cross-attention layer of method 'gradcam'; 'saliency' has none")
     layers = model.text_encoder.layers
     depth = len(layers)
     if method == "gradcam" and block is None:
@@ -213,7 +215,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--word", help="map this word of the text instead of the whole text")
     p.add_argument("--per-word", action="store_true", help="also write OUT_<nn>_<word>.png for every word")
     p.add_argument("--method", choices=METHODS, default="auto",
-                   help="gradcam (LAVIS), saliency, or auto: saliency for towers with global_context, else gradcam")
+                   help="gradcam (LAVIS), saliency, or auto: saliency for towers with global_context "
+                        "(unless --block is given), else gradcam")
     p.add_argument("--block", type=int, help="gradcam: text encoder layer to explain (default: depth // 2)")
     p.add_argument("--alpha", type=float, default=0.5, help="heat map opacity")
     p.add_argument("--model", "-m", help="checkpoint (default: $BLIP_MODEL); a preset name gives random weights")
