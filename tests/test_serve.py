@@ -129,6 +129,13 @@ def test_ground_and_search_equal_direct_calls(full, models, index):
     assert abs(g["itm"] - want["itm"]) < 1e-5 and len(g["word_overlays"]) == len(g["words"])
     assert Image.open(io.BytesIO(base64.b64decode(g["overlay"]))).size == (160, 120)
     assert_error(post(full, "/ground", image(), {"text": "!!!"}), 422)
+    assert g["method"] == want["method"]
+    r = post(full, "/ground", {"image": ("x.png", png(3, (160, 120)), "image/png")},
+             {"text": "a red square, left", "method": "saliency"})
+    sal = grounding.gradcam(ret, img, "a red square, left", method="saliency")
+    assert r.status_code == 200 and r.json()["method"] == "saliency", r.text
+    torch.testing.assert_close(torch.tensor(r.json()["text_map"]), sal["text_map"], rtol=0, atol=1e-5)
+    assert_error(post(full, "/ground", image(), {"text": "a", "method": "cam"}), 422)
 
     r = post(full, "/search", data={"text": "a red square", "k": 3}).json()
     direct = index.search(ret, "a red square", k=3, rerank=True)

@@ -177,12 +177,13 @@ def create_app(models: Models, limits: Limits | None = None, *, max_batch: int =
             x = (await read_image(image, model))[1] if image is not None else None
         return await batcher.submit(partial(tasks.embed, model), (x, text or None), ("embed",))
 
-    @app.post("/ground", summary="Grad-CAM heat maps of the ITM score: per word and for the whole text")
-    async def ground(image: UploadFile = File(...), text: str = Form(...)):
+    @app.post("/ground", summary="Heat maps of the ITM score (Grad-CAM or saliency): per word and for the whole text")
+    async def ground(image: UploadFile = File(...), text: str = Form(...),
+                     method: str = Form("auto", pattern="^(auto|gradcam|saliency)$")):
         model = models.matcher
         check_text(text, "text", limits.text_chars)
         pil, _ = await read_image(image)
-        return await batcher.submit(partial(tasks.ground, model), (pil, text), grad=True)
+        return await batcher.submit(partial(tasks.ground, model), (pil, text, method), grad=True)
 
     @app.post("/search", summary="Search the image index by text or by image; ITM rerank of the top k")
     async def search(image: UploadFile | None = File(None), text: str | None = Form(None),

@@ -82,11 +82,11 @@ def vqa(model, payloads: list[tuple[torch.Tensor, list[str], list[str] | None]])
 
 
 def ground(model, payloads: list) -> list[dict]:
-    """The grounding heat maps of the ITM score over the patch grid (`blip.grounding.gradcam`, method "auto";
-    runs outside inference mode: it needs gradients)."""
+    """The grounding heat maps of the ITM score over the patch grid (`blip.grounding.gradcam`; runs outside
+    inference mode: it needs gradients)."""
     from blip import grounding
-    (image, text), = payloads
-    g = grounding.gradcam(model, image, text)
+    (image, text, method), = payloads
+    g = grounding.gradcam(model, image, text, method=method)
     word_maps, text_map = g["word_maps"].float().cpu(), g["text_map"].float().cpu()
     small = _fit(image, 384)
     return [{
