@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("model")
     ap.add_argument("--corpus", default="runs/synthetic", help="folder `blip data synth` wrote")
     ap.add_argument("--limit", type=int, help="first N two-object test images only")
-    ap.add_argument("--method", default="auto", choices=["auto", "gradcam", "saliency", "all"])
+    from blip.grounding import METHODS
+    ap.add_argument("--method", default="auto", choices=[*METHODS, "all"])
     ap.add_argument("--block", type=int, help="gradcam: text encoder layer (default: depth // 2)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", action="store_true", help="one JSON object")
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
             model = blip.create_model(args.model, task="retrieval", device=args.device)
         else:
             model = blip.load(args.model, device=args.device)
-        methods = ["gradcam", "saliency"] if args.method == "all" else [args.method]
+        methods = [m for m in METHODS if m != "auto"] if args.method == "all" else [args.method]
         results = [evaluate(model.eval(), args.corpus, limit=args.limit, block=args.block, method=m) for m in methods]
     except (OSError, ValueError) as e:
         print(f"grounding_quality: error: {e}", file=sys.stderr)

@@ -184,7 +184,7 @@ def test_objective_options_keep_a_none_value_but_take_the_tasks_own_defaults():
     assert set_["max_length"] == 20 and set_["alpha_ramp_epochs"] == 3
 
 
-def test_image_words_loss_matches_a_direct_computation_and_trains_the_tower():
+def test_image_words_loss_matches_a_direct_computation_and_reaches_the_tower():
     torch.manual_seed(0)
     rows = torch.tensor([[0, 3, 5, 3, 2], [0, 4, 2, -100, -100]])  # [CLS]-first rows, pads -100
     words = obj.caption_words(rows, 6)
@@ -203,6 +203,14 @@ def test_image_words_loss_matches_a_direct_computation_and_trains_the_tower():
     assert torch.allclose(out["loss"].detach(), expected)
     out["loss"].backward()
     assert o.word_head.weight.grad.abs().sum() > 0  # the head starts at zero: its weights learn first
+    # once they have, it trains the image tower too (the other losses weighted 0: the tower's only gradient)
+    alone = obj.PretrainObjective(model, queue_size=0, distill=False, image_words=1.0,
+                                  loss_weights={"ita": 0.0, "itm": 0.0, "lm": 0.0}).eval()
+    with torch.no_grad():
+        alone.word_head.weight.normal_()
+    model.zero_grad(set_to_none=True)
+    alone(batch, obj.StepInfo(0, 3, 10))["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.visual_encoder.parameters())
     assert "word_head.weight" not in model.state_dict()  # a training-only head, not saved with the model
     plain = obj.PretrainObjective(model, queue_size=0, distill=False).eval()
     assert "loss_words" not in plain(batch, obj.StepInfo(0, 3, 10)) and not hasattr(plain, "word_head")

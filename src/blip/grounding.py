@@ -72,7 +72,7 @@ def gradcam(model, image, text: str, block: int | None = None, max_length: int =
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     if method == "auto":  # a layer asked for is a Grad-CAM layer
-        method = "saliency" if block is None and getattr(model.config.vision, "global_context", False) else "gradcam"
+        method = "saliency" if block is None and model.config.vision.global_context else "gradcam"
     if method == "saliency" and block is not None:
         raise ValueError("block picks the cross-attention layer of method 'gradcam'; 'saliency' has none")
     layers = model.text_encoder.layers

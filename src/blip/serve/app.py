@@ -21,6 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from blip.grounding import METHODS as GROUND_METHODS
 from blip.model import MissingPartError
 from blip.transform import EvalTransform
 
@@ -179,7 +180,7 @@ def create_app(models: Models, limits: Limits | None = None, *, max_batch: int =
 
     @app.post("/ground", summary="Heat maps of the ITM score (Grad-CAM or saliency): per word and for the whole text")
     async def ground(image: UploadFile = File(...), text: str = Form(...),
-                     method: str = Form("auto", pattern="^(auto|gradcam|saliency)$")):
+                     method: str = Form("auto", pattern=f"^({'|'.join(GROUND_METHODS)})$")):
         model = models.matcher
         check_text(text, "text", limits.text_chars)
         pil, _ = await read_image(image)
