@@ -32,13 +32,54 @@ def test_word_swap_replaces_one_word_of_its_group():
     assert WordSwap.build(None) is None and WordSwap.build("synthetic")("a cyan hexagon", rng) != "a cyan hexagon"
 
 
+def test_word_swap_phrases_and_synonyms():
+    # alternatives are phrases or synonym lists: a swap never gives a synonym or a phrase the captions never use
+    swap = WordSwap([["on the left", "at the top"], [["above", "over"], ["below", "under", "beneath"]]])
+    rng = random.Random(0)
+    for _ in range(30):
+        assert swap("a star on  the left", rng) == "a star at the top"  # any spacing
+        assert swap("a star under a cross", rng) in ("a star above a cross", "a star over a cross")
+        assert swap("a star Over a cross", rng) in {f"a star {w} a cross" for w in ("below", "under", "beneath")}
+    assert swap("a star on the top", rng) is None  # "top" alone is no alternative
+    synthetic = WordSwap.build("synthetic")
+    outs = {synthetic("a red circle to the left of a blue star", random.Random(i)) for i in range(200)}
+    assert "a red circle to the right of a blue star" in outs
+    assert not any("to the top of" in o or "on the right of" in o for o in outs)
+    for bad in ([["red"]], [["red", "blue"], ["blue", "green"]]):
+        try:
+            WordSwap(bad)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"{bad} accepted")
+
+
+def test_word_swap_rare_pick_favours_groups_few_texts_name():
+    texts = ["a red star"] * 8 + ["a red star on the left"] * 2
+    swap = WordSwap.build([["red", "blue"], ["on the left", "on the right"]], "rare", texts)
+    assert swap.weight == {0: 1.0, 1: 5.0}
+    rng = random.Random(0)
+    outs = [swap("a red star on the left", rng) for _ in range(600)]
+    share = sum(o.endswith("on the right") for o in outs) / len(outs)
+    assert abs(share - 5 / 6) < 0.05  # group weights 1 : 5; plain "word" picking would give 1/2
+    word = WordSwap([["red", "blue"], ["on the left", "on the right"]], "word")
+    share = sum(word("a red star on the left", rng).endswith("right") for _ in range(600)) / 600
+    assert abs(share - 0.5) < 0.07
+    try:
+        WordSwap.build([["red", "blue"]], "rare")
+    except ValueError as e:
+        assert "training texts" in str(e)
+    else:
+        raise AssertionError("rare without texts accepted")
+
+
 def test_seeded_items_add_reproducible_swapped_captions_and_collate_marks_rows():
     class Texts(torch.utils.data.Dataset):
         def __len__(self):
             return 4
 
         def __getitem__(self, i):
-            return {"image": torch.zeros(3, 8, 8), "text": ["a red circle", "two cats", "a small star", "left"][i],
+            return {"image": torch.zeros(3, 8, 8), "text": ["a red circle", "two cats", "a small star", "on the left"][i],
                     "index": i}
     items = SeededItems(Texts(), seed=1, swap=WordSwap.build("synthetic"))
     first = [items[i]["neg_text"] for i in range(4)]

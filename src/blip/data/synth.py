@@ -82,9 +82,11 @@ RELATION_PHRASES = {"left of": ("to the left of", "left of", "next to"),
                     "right of": ("to the right of", "right of", "next to"),
                     "above": ("above", "over"), "below": ("below", "under", "beneath")}
 
-# word groups for WordSwap ITM negatives (itm_swap_words="synthetic"): one attribute word for another
-SWAP_GROUPS = (tuple(COLORS), SHAPES, tuple(SIZES), ("left", "right", "top", "bottom", "center"),
-               ("above", "below"), ("over", "under", "beneath"))
+# groups for WordSwap ITM negatives (itm_swap_words="synthetic"): one attribute for another, as the captions
+# phrase it ("on the left" -> "at the top", never "on the top") and never a synonym ("under" -> "beneath")
+SWAP_GROUPS = (tuple(COLORS), SHAPES, tuple(SIZES), tuple(POSITION_PHRASES.values()),
+               ("to the left of", "to the right of"), ("left of", "right of"),
+               (("above", "over"), ("below", "under", "beneath")))
 
 NOISE_KINDS = ("swapped", "wrong_attribute", "boilerplate", "short")
 BOILERPLATE = ("image", "click here to enlarge", "stock photo {n}", "IMG_{n4}.jpg", "DSC{n5}.JPG", "untitled",

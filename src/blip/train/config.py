@@ -94,6 +94,9 @@ class TrainConfig:
     itm_swap_words: Any = None             # ITM negatives: each caption with one word of a group replaced by
     #                                        another of its group: [[words], ...], or "synthetic" (the corpus's
     #                                        colours, shapes, sizes, positions, relations). None: off (official)
+    itm_swap_pick: str = "word"            # which word a swap replaces: "word" (any, alike) or "group" (a group
+    #                                        present in the caption first, alike, then a word of it) or "rare"
+    #                                        (a group first, weighted by 1 / the share of training texts naming it)
     # run
     seed: int = 42
     device: str | None = None

@@ -38,37 +38,79 @@ class RandomPairs(Dataset):
 
 
 class WordSwap:
-    """A caption with one word of a word group replaced by another word of that group ("a red circle left of
-    a star" -> "a red circle right of a star"), or None when it has no such word. Used as extra ITM negatives:
-    in-batch hard negatives almost never differ from the true caption in one attribute, and telling those
-    apart is what matching has to learn. Whole words, case-insensitive; the rest of the text is kept."""
+    """A caption with one word or phrase of a group replaced by another alternative of that group ("a red
+    circle to the left of a star" -> "a red circle to the right of a star"), or None when it has none. Used as
+    extra ITM negatives: in-batch hard negatives almost never differ from the true caption in one attribute,
+    and telling those apart is what matching has to learn.
 
-    def __init__(self, groups):
-        groups = [[str(w).lower() for w in g] for g in groups]
-        if any(len(g) < 2 for g in groups):
-            raise ValueError("every itm_swap_words group needs at least two words")
-        self.group_of = {w: g for g in groups for w in g}
-        self.pattern = re.compile(r"\b(" + "|".join(sorted(map(re.escape, self.group_of), key=len, reverse=True))
+    A group lists mutually exclusive alternatives; an alternative is a word, a phrase ("on the left"), or a
+    list of synonyms (["below", "under", "beneath"]), so that no swap says the same thing (a false negative)
+    or makes a phrase the captions never use ("on the top"), which ITM could tell from the text alone.
+    Whole words, case-insensitive, the longest phrase first; the rest of the text is kept.
+
+    pick: "word" (any match alike), "group" (a group the caption names first, alike, then a match of it),
+    "rare" (a group first, weighted by 1 / the share of training texts that name it: see fit)."""
+
+    def __init__(self, groups, pick: str = "word"):
+        if pick not in ("word", "group", "rare"):
+            raise ValueError('itm_swap_pick must be "word", "group" or "rare"')
+        self.pick = pick
+        self.groups = [[[str(w).lower() for w in ([a] if isinstance(a, str) else a)] for a in g] for g in groups]
+        if any(len(g) < 2 or any(not a for a in g) for g in self.groups):
+            raise ValueError("every itm_swap_words group needs at least two alternatives")
+        self.where = {w: (gi, ai) for gi, g in enumerate(self.groups) for ai, a in enumerate(g) for w in a}
+        if len(self.where) != sum(len(a) for g in self.groups for a in g):
+            raise ValueError("a word or phrase appears twice in itm_swap_words")
+        phrases = sorted(self.where, key=len, reverse=True)
+        self.pattern = re.compile(r"\b(" + "|".join(re.escape(w).replace(r"\ ", r"\s+") for w in phrases)
                                   + r")\b", re.IGNORECASE)
+        self.weight: dict = {}
+
+    def _found(self, hit) -> tuple[int, int]:
+        return self.where[" ".join(hit.group(0).lower().split())]
+
+    def fit(self, texts) -> "WordSwap":
+        """Group weights for pick="rare": 1 / the fraction of texts in which the group has a match."""
+        counts: dict = {}
+        texts = [t for x in texts for t in (x if isinstance(x, list) else [x]) if isinstance(t, str)]
+        for t in texts:
+            for g in {self._found(h)[0] for h in self.pattern.finditer(t)}:
+                counts[g] = counts.get(g, 0) + 1
+        self.weight = {g: len(texts) / c for g, c in counts.items()}
+        return self
 
     @classmethod
-    def build(cls, spec) -> "WordSwap | None":
+    def build(cls, spec, pick: str = "word", texts=None) -> "WordSwap | None":
         if spec in (None, False, [], ""):
             return None
         if spec == "synthetic":
             from ..data.synth import SWAP_GROUPS
             spec = SWAP_GROUPS
         if isinstance(spec, str) or not all(isinstance(g, (list, tuple)) for g in spec):
-            raise ValueError('itm_swap_words must be a list of word lists or "synthetic"')
-        return cls(spec)
+            raise ValueError('itm_swap_words must be a list of groups (lists of words, phrases or synonym lists) '
+                             'or "synthetic"')
+        swap = cls(spec, pick)
+        if pick == "rare":
+            if texts is None:
+                raise ValueError('itm_swap_pick "rare" needs the training texts (a JSON caption dataset)')
+            swap.fit(texts)
+        return swap
 
     def __call__(self, text: str, rng: random.Random) -> str | None:
         hits = list(self.pattern.finditer(text))
         if not hits:
             return None
+        if self.pick != "word":  # a caption names colours and shapes far more often than positions
+            groups = sorted({self._found(h)[0] for h in hits})
+            if self.pick == "group":
+                group = groups[rng.randrange(len(groups))]
+            else:
+                group = rng.choices(groups, weights=[self.weight.get(g, 1.0) for g in groups])[0]
+            hits = [h for h in hits if self._found(h)[0] == group]
         hit = hits[rng.randrange(len(hits))]
-        word = hit.group(0).lower()
-        other = rng.choice([w for w in self.group_of[word] if w != word])
+        gi, ai = self._found(hit)
+        alt = rng.choice([a for k, a in enumerate(self.groups[gi]) if k != ai])
+        other = alt[0] if len(alt) == 1 else rng.choice(alt)
         return text[:hit.start()] + other + text[hit.end():]
 
 

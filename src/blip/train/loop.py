@@ -271,7 +271,8 @@ class Trainer:
         if dataset is None:
             dataset = self.task.train_dataset(cfg, model.config.vision.image_size, self.rank, self.world)
         if not isinstance(dataset, torch.utils.data.IterableDataset) and not isinstance(dataset, SeededItems):
-            dataset = SeededItems(dataset, seed=cfg.seed, swap=WordSwap.build(cfg.itm_swap_words))
+            dataset = SeededItems(dataset, seed=cfg.seed, swap=WordSwap.build(
+                cfg.itm_swap_words, cfg.itm_swap_pick, getattr(dataset, "captions", None)))
         self.dataset = dataset
         if cfg.whiten_stem:  # before the objective copies the towers into momentum ones; DDP then sends rank 0's
             images = first_images(dataset)
