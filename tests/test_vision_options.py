@@ -6,7 +6,7 @@ import torch
 import blip
 from blip.checkpoint import CheckpointError, save_blip, save_hf, save_official
 from blip.config import get_config
-from blip.vit import ConvStem, PatchConvStem, VisionTransformer
+from blip.vit import ConvStem, PatchConvStem, VisionTransformer, grid_codes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,6 +101,26 @@ def test_global_context_adds_token_0_to_every_patch_token():
         get_config("tiny", **{"vision.global_context": True})  # with [CLS] there is no pooled token to add
 
 
+def test_grid_codes_add_a_distinct_fixed_code_to_each_patch_token():
+    torch.manual_seed(0)
+    opts = {"vision.pool": "max_prenorm", "vision.global_context": True}
+    plain = VisionTransformer(get_config("tiny", **opts).vision).eval()
+    coded = VisionTransformer(get_config("tiny", **opts, **{"vision.grid_codes": True}).vision).eval()
+    coded.load_state_dict(plain.state_dict())  # no parameters of its own
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = plain(x), coded(x)
+    torch.testing.assert_close(b[:, 0], a[:, 0])  # ITC's feature is unchanged
+    codes = grid_codes(4, a.shape[-1])  # tiny: 64 px, patch 16
+    torch.testing.assert_close(b[:, 1:], a[:, 1:] + codes)
+    assert torch.cdist(codes, codes).add(torch.eye(16) * 1e3).min() > 0.5  # every grid cell tells apart
+    # row r, column c: the row's half of the code depends on r only, the column's on c only
+    k = a.shape[-1] // 2
+    grid = codes.view(4, 4, -1)
+    torch.testing.assert_close(grid[:, 0, :k], grid[:, 3, :k]) and torch.testing.assert_close(grid[0, :, k:], grid[3, :, k:])
+    assert not torch.allclose(grid[0, 0, :k], grid[1, 0, :k]) and not torch.allclose(grid[0, 0, k:], grid[0, 1, k:])
+
+
 def test_conv_stem_model_round_trips_in_our_format_and_is_refused_by_the_official_ones(tmp_path):
     torch.manual_seed(0)
     model = blip.create_model("tiny", task="pretrain", device="cpu", **{"vision.stem": "conv", "vision.pool": "max_prenorm",
@@ -121,3 +141,6 @@ def test_conv_stem_model_round_trips_in_our_format_and_is_refused_by_the_officia
                                                                        "vision.pool": "max"})
     with pytest.raises(CheckpointError, match="global_context=True"):
         save_official(plain, tmp_path / "p.pth")
+    coded = blip.create_model("tiny", task="pretrain", device="cpu", **{"vision.grid_codes": True})
+    with pytest.raises(CheckpointError, match="grid_codes=True"):
+        save_hf(coded, tmp_path / "c")

@@ -145,9 +145,10 @@ def config_from_hf(data: dict) -> BlipConfig:
 
 def _official_layout(config: BlipConfig, where: str) -> None:
     v = config.vision
-    if v.stem != "patch" or v.pool != "cls" or v.global_context:
+    if v.stem != "patch" or v.pool != "cls" or v.global_context or v.grid_codes:
         raise CheckpointError(f"{where} has none of blip's own vision options (vision.stem={v.stem!r}, "
-                              f"vision.pool={v.pool!r}, vision.global_context={v.global_context}): "
+                              f"vision.pool={v.pool!r}, vision.global_context={v.global_context}, "
+                              f"vision.grid_codes={v.grid_codes}): "
                               "save this model in blip's own format (save_blip)")
 
 

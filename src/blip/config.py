@@ -47,6 +47,11 @@ class VisionConfig:
     # reads an object's shape only once it has learnt where to look, which took longer than a short run
     # (docs/pretraining_synthetic.md, the readout probe); the pooled token gives it a first-order path.
     global_context: bool = False
+    # every patch token plus a fixed 2D sine-cosine code of its grid cell, after the final LayerNorm and the
+    # pooling (token 0 unchanged; not official). With no transformer blocks the learnt position table (std
+    # 0.01 at init) stays far smaller than the stem's features, and cross-attention, which sees the tokens as
+    # a set, cannot tell where anything is: ITM sat at chance on positions and relations.
+    grid_codes: bool = False
 
     @property
     def num_patches(self) -> int:

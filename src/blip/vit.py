@@ -151,6 +151,18 @@ class Block(nn.Module):
         return self._forward(x)
 
 
+def grid_codes(grid: int, width: int, device=None) -> torch.Tensor:
+    """(grid * grid, width) 2D sine-cosine codes (MAE's): half the channels code the row, half the column,
+    each as sin and cos at width / 4 frequencies from 1 to 1/10000 (VisionConfig.grid_codes)."""
+    k = width // 4
+    freq = 1.0 / 10000 ** (torch.arange(k, dtype=torch.float32, device=device) / k)
+    pos = torch.arange(grid, dtype=torch.float32, device=device)[:, None] * freq  # (grid, k)
+    one = torch.cat([pos.sin(), pos.cos()], 1)  # (grid, 2k)
+    rows, cols = one[:, None].expand(grid, grid, -1), one[None].expand(grid, grid, -1)
+    codes = torch.cat([rows, cols], -1).flatten(0, 1)  # raster order, as the patch tokens
+    return torch.nn.functional.pad(codes, (0, width - codes.shape[1]))
+
+
 def _max_into_token_0(x: torch.Tensor) -> torch.Tensor:
     """Token 0 replaced by the channel-wise max over the patch tokens (VisionConfig.pool)."""
     return torch.cat([x[:, 1:].amax(1, keepdim=True), x[:, 1:]], dim=1)
@@ -207,4 +219,7 @@ class VisionTransformer(nn.Module):
             x = _max_into_token_0(x)
         if self.cfg.global_context:
             x = torch.cat([x[:, :1], x[:, 1:] + x[:, :1]], dim=1)
+        if self.cfg.grid_codes:
+            codes = grid_codes(int(math.isqrt(x.shape[1] - 1)), x.shape[-1], x.device).to(x.dtype)
+            x = torch.cat([x[:, :1], x[:, 1:] + codes], dim=1)
         return x
