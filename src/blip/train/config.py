@@ -91,9 +91,10 @@ class TrainConfig:
     #                                        vocabulary words the caption holds (SuperClass-style); 0: off (official)
     distill: bool = True                   # momentum towers + distilled ITC targets (official); False: in-batch
     #                                        InfoNCE on the online features (needs queue_size 0)
-    itm_swap_words: Any = None             # ITM negatives: each caption with one word of a group replaced by
-    #                                        another of its group: [[words], ...], or "synthetic" (the corpus's
-    #                                        colours, shapes, sizes, positions, relations). None: off (official)
+    itm_swap_words: Any = None             # ITM negatives: each caption with one alternative of a group replaced
+    #                                        by another: [[word, "a phrase", [synonym, synonym]], ...], or
+    #                                        "synthetic" (the corpus's colours, shapes, sizes, position and
+    #                                        relation phrases). None: off (official)
     itm_swap_pick: str = "word"            # which word a swap replaces: "word" (any, alike) or "group" (a group
     #                                        present in the caption first, alike, then a word of it) or "rare"
     #                                        (a group first, weighted by 1 / the share of training texts naming it)
