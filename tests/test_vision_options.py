@@ -117,7 +117,8 @@ def test_grid_codes_add_a_distinct_fixed_code_to_each_patch_token():
     # row r, column c: the row's half of the code depends on r only, the column's on c only
     k = a.shape[-1] // 2
     grid = codes.view(4, 4, -1)
-    torch.testing.assert_close(grid[:, 0, :k], grid[:, 3, :k]) and torch.testing.assert_close(grid[0, :, k:], grid[3, :, k:])
+    torch.testing.assert_close(grid[:, 0, :k], grid[:, 3, :k])
+    torch.testing.assert_close(grid[0, :, k:], grid[3, :, k:])
     assert not torch.allclose(grid[0, 0, :k], grid[1, 0, :k]) and not torch.allclose(grid[0, 0, k:], grid[0, 1, k:])
 
 

@@ -97,18 +97,17 @@ class WordSwap:
         return swap
 
     def __call__(self, text: str, rng: random.Random) -> str | None:
-        hits = list(self.pattern.finditer(text))
+        hits = [(h, self._found(h)) for h in self.pattern.finditer(text)]
         if not hits:
             return None
         if self.pick != "word":  # a caption names colours and shapes far more often than positions
-            groups = sorted({self._found(h)[0] for h in hits})
+            groups = sorted({gi for _, (gi, _) in hits})
             if self.pick == "group":
                 group = groups[rng.randrange(len(groups))]
             else:
                 group = rng.choices(groups, weights=[self.weight.get(g, 1.0) for g in groups])[0]
-            hits = [h for h in hits if self._found(h)[0] == group]
-        hit = hits[rng.randrange(len(hits))]
-        gi, ai = self._found(hit)
+            hits = [x for x in hits if x[1][0] == group]
+        hit, (gi, ai) = hits[rng.randrange(len(hits))]
         alt = rng.choice([a for k, a in enumerate(self.groups[gi]) if k != ai])
         other = alt[0] if len(alt) == 1 else rng.choice(alt)
         return text[:hit.start()] + other + text[hit.end():]
