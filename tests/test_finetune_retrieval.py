@@ -69,8 +69,10 @@ def test_itm_weights_mask_same_image_without_offset():
     assert torch.equal(itm_negative_weights(sim, same=torch.ones(4, 4).bool(), eps=0.0), torch.ones(4, 4))
 
 
-def direct_step(o, b, info):
-    """The official BLIP_Retrieval.forward, spelt out on the model (plain cross-attention calls)."""
+def direct_step(o, b, info, uniform=False):
+    """The official BLIP_Retrieval.forward, spelt out on the model (plain cross-attention calls); with
+    `uniform`, ITM's negatives drawn alike among the other images' pairs, and b["neg_text"] (None: none)
+    one more ITM negative per pair."""
     m, mo = o.model, o.momentum
     ids, mask = get_tokenizer()(b["text"], max_length=35)
     idx = b["image_id"]
@@ -96,12 +98,20 @@ def direct_step(o, b, info):
     same = idx[:, None] == idx[None]
     w_i2t = F.softmax(image_feat @ text_feat.T / m.temp, 1).masked_fill(same, 0)
     w_t2i = F.softmax(text_feat @ image_feat.T / m.temp, 1).masked_fill(same, 0)
+    if uniform:
+        w_i2t = w_t2i = (~same).float()
     neg_img = torch.multinomial(w_t2i, 1)[:, 0]
     neg_txt = torch.multinomial(w_i2t, 1)[:, 0]
     itm = lambda states, i, k: m.itm_head(m.text_encoder(i, k, states, mode="multimodal")[:, 0])  # noqa: E731
-    logits = torch.cat([itm(image_embeds, enc, mask), itm(image_embeds[neg_img], enc, mask),
-                        itm(image_embeds, enc[neg_txt], mask[neg_txt])])
-    labels = torch.tensor([1] * len(idx) + [0] * 2 * len(idx))
+    logits = [itm(image_embeds, enc, mask), itm(image_embeds[neg_img], enc, mask),
+              itm(image_embeds, enc[neg_txt], mask[neg_txt])]
+    rows = [i for i, t in enumerate(b.get("neg_text") or []) if t is not None]
+    if rows:
+        s_ids, s_mask = get_tokenizer()([b["neg_text"][i] for i in rows], max_length=35)
+        s_ids[:, 0] = ENC_ID
+        logits.append(itm(image_embeds[rows], s_ids, s_mask))
+    logits = torch.cat(logits)
+    labels = torch.tensor([1] * len(idx) + [0] * (logits.shape[0] - len(idx)))
     return loss_ita, F.cross_entropy(logits, labels), neg_img, neg_txt
 
 
@@ -127,6 +137,42 @@ def test_objective_matches_the_official_forward_and_queues_ids():
     assert not (ids[neg_img] == ids).any() and not (ids[neg_txt] == ids).any()  # never the same image
     assert o.momentum.idx_queue[0].tolist() == [0, 1, 2, 3, 1, 5, 1, 7] and int(o.momentum.queue_ptr) == 0
     assert o.momentum.id_queue().tolist() == [0, 1, 2, 3, 1, 5, 1, 7]
+
+
+def test_uniform_and_word_swap_itm_negatives_match_a_direct_computation():
+    """The filter options beyond the official code: uniformly drawn ITM negatives (itm_hard_from=None),
+    never of the same image, and each pair's word-swapped caption as one more negative."""
+    o = tiny_retrieval(queue_size=8, itm_hard_from=None)
+    b = dict(batch([1, 5, 1, 7], seed=2), neg_text=["a blue shape number 1", None, "a red shape", None])
+    ref = copy.deepcopy(o)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        out = o(b, StepInfo(0, 2, 4))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        loss_ita, loss_itm, neg_img, neg_txt = direct_step(ref, b, StepInfo(0, 2, 4), uniform=True)
+    assert torch.allclose(out["loss_itm"], loss_itm, atol=1e-5)
+    assert torch.allclose(out["loss_ita"], loss_ita, atol=1e-5)
+    ids = b["image_id"]
+    assert not (ids[neg_img] == ids).any() and not (ids[neg_txt] == ids).any()
+    # mined from step 5 on, swaps from step 9 on: at step 6 the official hard negatives, without the swaps
+    o = tiny_retrieval(queue_size=8, itm_hard_from=5, itm_swap_from=9)
+    ref = copy.deepcopy(o)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        out = o(b, StepInfo(1, 2, 4))
+    torch.manual_seed(4)
+    with torch.no_grad():
+        _, loss_itm, _, _ = direct_step(ref, {k: v for k, v in b.items() if k != "neg_text"}, StepInfo(1, 2, 4))
+    assert torch.allclose(out["loss_itm"], loss_itm, atol=1e-5)
+
+
+def test_retrieval_collate_passes_word_swaps_on():
+    from blip.train.tasks.retrieval import Collate
+    item = {"image": torch.zeros(3, 4, 4), "text": "a red circle", "image_id": 0}
+    assert "neg_text" not in Collate()([item, item])
+    out = Collate()([dict(item, neg_text="a blue circle"), dict(item, neg_text=None)])
+    assert out["neg_text"] == ["a blue circle", None]
 
 
 def test_alpha_ramps_over_epoch_zero_only():

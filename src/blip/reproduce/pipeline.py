@@ -40,7 +40,7 @@ class Options:
     seed: int = 42
     pretrain_config: Path = CONFIGS / "pretrain_synthetic.json"
     caption_config: Path = CONFIGS / "caption_synthetic.json"
-    retrieval_config: Path = CONFIGS / "retrieval_synthetic.json"
+    filter_config: Path = CONFIGS / "filter_synthetic.json"
     pretrain_overrides: list[str] = field(default_factory=list)
     web_limit: int | None = None           # first N web pairs only (quick runs)
     device: str | None = None
@@ -256,7 +256,7 @@ class Pipeline:
         capfilt = None
         if needs_capfilt:
             captioner = self.finetune("captioner", self.o.caption_config, base)
-            filter_ = self.finetune("filter", self.o.retrieval_config, base)
+            filter_ = self.finetune("filter", self.o.filter_config, base)
             capfilt = self.bootstrap(captioner, filter_)
         rows = []
         for row in self.o.rows:

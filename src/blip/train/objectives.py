@@ -202,6 +202,15 @@ def sample_negatives(weights: torch.Tensor, generator: torch.Generator | None = 
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
+def swap_states(text_encoder, ids: torch.Tensor, mask: torch.Tensor, kv, rows: torch.Tensor) -> torch.Tensor:
+    """[ENC] states of word-swap negatives: image rows[j] with ids[j] (its own caption, one attribute
+    replaced; [CLS] first), reusing those images' cross-attention keys/values."""
+    ids = ids.clone()
+    ids[:, 0] = ENC_ID
+    cache = KVCache([(k[rows], v[rows]) for k, v in kv], None)
+    return text_encoder(ids, mask, mode="multimodal", cache=cache)[:, 0]
+
+
 def itm_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> torch.Tensor:
     """CE over [positives ; negatives] with labels 1 / 0."""
     logits = torch.cat([pos_logits, neg_logits]).float()
@@ -461,10 +470,7 @@ class PretrainObjective(nn.Module):
         negatives = [neg_text, neg_image]
         if swap_ids is not None and bool(swap_valid.any()):  # (image b, its caption with one word replaced)
             rows = swap_valid.nonzero()[:, 0]
-            s_ids = swap_ids[rows].clone()
-            s_ids[:, 0] = ENC_ID
-            s_kv = KVCache([(k[rows], v[rows]) for k, v in kv], None)
-            negatives.append(m.text_encoder(s_ids, swap_mask[rows], mode="multimodal", cache=s_kv)[:, 0])
+            negatives.append(swap_states(m.text_encoder, swap_ids[rows], swap_mask[rows], kv, rows))
         logits = m.itm_head(torch.cat([pos, *negatives]))
         return itm_loss(logits[:bs], logits[bs:])
 

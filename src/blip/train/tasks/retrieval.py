@@ -14,6 +14,12 @@ Differences from pretraining's objective (train/objectives.py), all official:
   same-image pair at 0 and no +1e-4;
 - there is no decoder and no LM loss.
 The batch is {"image", "text": [str], "image_id"}: the objective tokenises (max_length 35).
+
+Two options beyond the official code, off by default, for a filter on a corpus where the most similar
+caption is often true of the image too (the embedded synthetic one; pretraining has the same options):
+`itm_hard_from` (None: never mine) draws ITM's negatives uniformly among the other images' pairs before
+that step, and a batch carrying "neg_text" (captions with one attribute replaced, `itm_swap_words`)
+gives ITM one more negative per pair from `itm_swap_from` on.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from torch import nn
 from ...tokenizer import ENC_ID, get_tokenizer
 from .. import distributed as dist
 from ..objectives import (MomentumTowers, StepInfo, hard_negatives, itc_loss, itm_loss, itm_negative_weights,
-                          itm_states, ramped_alpha, unimodal_features)
+                          itm_states, ramped_alpha, swap_states, unimodal_features)
 
 MODEL_TASK = "retrieval"
 __all__ = ["MODEL_TASK", "Collate", "Objective", "adapt_state_dict", "collate", "train_dataset"]
@@ -72,7 +78,8 @@ class Objective(nn.Module):
 
     def __init__(self, model: nn.Module, queue_size: int = 57600, momentum: float = 0.995, alpha: float = 0.4,
                  alpha_ramp_epochs: float = 1.0, negatives_all_rank: bool = False, queue_init: str = "empty",
-                 max_length: int = 35, text_padding: str = "longest", batch_size: int | None = None):
+                 max_length: int = 35, text_padding: str = "longest", batch_size: int | None = None,
+                 itm_hard_from: int | None = 0, itm_swap_from: int = 0):
         super().__init__()
         if not all(hasattr(model, p) for p in ("text_encoder", "vision_proj", "itm_head")):
             raise ValueError("retrieval finetuning needs a model with a text encoder, projections and the ITM head "
@@ -90,6 +97,7 @@ class Objective(nn.Module):
                   flush=True)
         self.alpha, self.alpha_ramp_epochs = alpha, alpha_ramp_epochs
         self.negatives_all_rank = negatives_all_rank
+        self.itm_hard_from, self.itm_swap_from = itm_hard_from, itm_swap_from
         # gathered token ids need one width on every rank
         self.max_length, self.padding = max_length, "max_length" if negatives_all_rank else text_padding
 
@@ -115,6 +123,8 @@ class Objective(nn.Module):
         self.momentum.enqueue(image_feat_m, text_feat_m, idx)
 
         # ITM: one hard negative text per image and image per text, never of the same image
+        step = info.epoch * info.steps_per_epoch + info.step
+        mine = self.itm_hard_from is not None and step >= self.itm_hard_from  # else drawn uniformly
         bs = ids.shape[0]
         enc_ids = ids.clone()
         enc_ids[:, 0] = ENC_ID
@@ -126,13 +136,23 @@ class Objective(nn.Module):
             else:
                 same = idx[:, None] == idx[None]
                 image_cand, text_cand = image_feat, text_feat
-            w_t2i = itm_negative_weights(text_feat @ image_cand.T / m.temp, same=same, eps=0.0)
-            w_i2t = itm_negative_weights(image_feat @ text_cand.T / m.temp, same=same, eps=0.0)
+            sim_t2i, sim_i2t = text_feat @ image_cand.T / m.temp, image_feat @ text_cand.T / m.temp
+            if not mine:
+                sim_t2i, sim_i2t = torch.zeros_like(sim_t2i), torch.zeros_like(sim_i2t)
+            w_t2i = itm_negative_weights(sim_t2i, same=same, eps=0.0)
+            w_i2t = itm_negative_weights(sim_i2t, same=same, eps=0.0)
         kv = m.text_encoder.cross_kv(image_embeds)  # one K/V per image for the positive and negative-text rows
         neg_ids, neg_mask, neg_kv = hard_negatives(m.text_encoder, image_embeds, kv, enc_ids, mask, w_t2i, w_i2t,
                                                    all_rank)
         pos, neg_text, neg_image = itm_states(m.text_encoder, enc_ids, mask, neg_ids, neg_mask, kv, neg_kv)
-        logits = m.itm_head(torch.cat([pos, neg_text, neg_image]))
+        negatives = [neg_text, neg_image]
+        swaps = batch.get("neg_text") if step >= self.itm_swap_from else None
+        rows = [i for i, t in enumerate(swaps or []) if t is not None]
+        if rows:  # (image i, its caption with one attribute replaced)
+            s_ids, s_mask = get_tokenizer()([swaps[i] for i in rows], max_length=self.max_length, padding=self.padding)
+            index = torch.tensor(rows, device=images.device)
+            negatives.append(swap_states(m.text_encoder, s_ids.to(images.device), s_mask.to(images.device), kv, index))
+        logits = m.itm_head(torch.cat([pos, *negatives]))
         loss_itm = itm_loss(logits[:bs], logits[bs:])
         return {"loss": loss_ita + loss_itm, "loss_ita": loss_ita.detach(), "loss_itm": loss_itm.detach(),
                 "alpha": alpha, "temp": m.temp.detach()}
@@ -216,9 +236,12 @@ class Collate:
 
     def __call__(self, items: list) -> dict:
         items = [it for it in items if it is not None]
-        return {"image": torch.stack([it["image"] for it in items]), "text": [it["text"] for it in items],
-                "image_id": torch.tensor([int(it["image_id"]) for it in items], dtype=torch.long),
-                "index": torch.tensor([int(it.get("index", -1)) for it in items], dtype=torch.long)}
+        batch = {"image": torch.stack([it["image"] for it in items]), "text": [it["text"] for it in items],
+                 "image_id": torch.tensor([int(it["image_id"]) for it in items], dtype=torch.long),
+                 "index": torch.tensor([int(it.get("index", -1)) for it in items], dtype=torch.long)}
+        if any("neg_text" in it for it in items):  # WordSwap negatives (None: the caption has none)
+            batch["neg_text"] = [it.get("neg_text") for it in items]
+        return batch
 
 
 def collate(cfg):
