@@ -81,6 +81,7 @@ def test_probe_harness_on_a_tiny_model(tiny_setup):
     r = json.loads(out.stdout)
     assert r["test_images"] == 12 and r["itm_pairs"] >= 12
     assert 0.0 <= r["itm_attribute_accuracy"] <= 100.0 and r["itm_bce"] > 0
+    assert 0.0 <= r["lm_attribute_accuracy"] <= 100.0 and set(r["lm_by_attribute"]) <= set(r["itm_by_attribute"])
     for key in ("retrieval_itc", "retrieval_itm"):
         assert set(r[key]) >= {"tr@1", "ir@1", "tr@5", "ir@5"}
     counts = r["caption_counts"]

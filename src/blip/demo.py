@@ -53,6 +53,9 @@ def print_targets(rows: list[tuple], quality: dict, indent: str = "      ") -> N
     for name, value, goal, met in rows:
         print(f"{indent}{name:<{width}}  {value:7.2f}   target {goal:<22} {'met' if met else 'NOT met'}")
     print(f"{indent}ITM accuracy by attribute: {quality['itm_by_attribute']}")
+    if "lm_attribute_accuracy" in quality:  # a diagnostic: what the model holds that ITM does not read
+        print(f"{indent}the same pairs ranked by the decoder's caption likelihood: "
+              f"{quality['lm_attribute_accuracy']:.1f}% {quality['lm_by_attribute']}")
     print(f"{indent}retrieval with the ITM rerank (k 16): {quality.get('retrieval_itm')}")
     for ex in quality["caption_examples"][:3]:
         verdict = "names its colour and shape" if ex["correct"] else "misses its colour or shape"

@@ -8,6 +8,9 @@ Three probes on the test split (`metadata.json` holds every test scene):
 3. Captions: the greedy caption names the right colour-shape pair for the object of a one-object image,
    and for the large object of a two-object image whose objects differ in size.
 
+Beside the first, the same pairs ranked by the decoder's log-likelihood of each caption (a diagnostic, not a
+target: it tells whether the model holds an attribute that ITM does not read).
+
 `probe(model, corpus)` returns them as one dict; `benchmarks/synthetic_quality.py` is its command line.
 """
 from __future__ import annotations
@@ -131,6 +134,28 @@ def itm_attributes(model, corpus, tests, limit: int | None = None) -> dict:
             "itm_pairs": len(every), "itm_bce": sum(nll) / max(len(nll), 1), "itm_bce_prior": math.log(2)}
 
 
+@torch.inference_mode()
+def decoder_attributes(model, corpus, tests, limit: int | None = None) -> dict:
+    """The one-attribute pairs of itm_attributes ranked by the decoder: the true caption must get the higher
+    log-likelihood ([DEC] first, no prompt, as the pretraining LM loss reads a caption)."""
+    from ..tokenizer import DEC_ID
+    right: dict[str, list[bool]] = {a: [] for a in ATTRIBUTES}
+    dec = model.text_decoder
+    for k, t in enumerate(tests[:limit]):
+        pairs = attribute_pairs(t["scene"], seed=10007 * (k + 1))
+        if not pairs:
+            continue
+        ids, mask = model._texts([x for true, false, _ in pairs for x in (true, false)], 35, DEC_ID)
+        states = model.encode_image(str(corpus / t["image"])).expand(ids.shape[0], -1, -1)
+        logits = dec.cls(dec.bert(ids, mask, states, mode="causal")).float()
+        ll = (logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]).sum(1)
+        for j, (_, _, attr) in enumerate(pairs):
+            right[attr].append(bool(ll[2 * j] > ll[2 * j + 1]))
+    every = [x for v in right.values() for x in v]
+    return {"lm_attribute_accuracy": 100.0 * sum(every) / max(len(every), 1),
+            "lm_by_attribute": {a: round(100.0 * sum(v) / len(v), 1) for a, v in right.items() if v}}
+
+
 def caption_attributes(model, corpus, tests, limit: int | None = None, batch_size: int = 32) -> dict:
     scored = [t for t in tests[:limit] if caption_correct("", t["scene"])["scored"]]
     caps = model.caption([str(corpus / t["image"]) for t in scored], num_beams=1, max_length=30, min_length=5,
@@ -163,6 +188,7 @@ def probe(model, corpus: str | Path, k_test: int = 16, limit: int | None = None)
         if k_test:
             out["retrieval_itm"] = _rounded(evaluate_retrieval(model, corpus / "test.json", k_test=k_test))
     if model.has("text_decoder") and model.config.task != "vqa":
+        out.update(decoder_attributes(model, corpus, tests, limit))
         out.update(caption_attributes(model, corpus, tests, limit))
     return out
 

@@ -254,7 +254,9 @@ def _facts(report: dict) -> list[str]:
         r = q.get("retrieval_itc", {})
         lines.append(f"The first pretrained model (test split, scene ground truth): ITM prefers the true caption to one "
                      f"with an attribute changed {_fmt(q['itm_attribute_accuracy'])}% of the time "
-                     f"(by attribute: {q.get('itm_by_attribute')}); zero-shot ITC TR@1/IR@1 {_fmt(r.get('tr@1'))}/"
+                     f"(by attribute: {q.get('itm_by_attribute')}; the decoder's caption likelihood ranks the same "
+                     f"pairs right {_fmt(q.get('lm_attribute_accuracy'))}% of the time); zero-shot ITC TR@1/IR@1 "
+                     f"{_fmt(r.get('tr@1'))}/"
                      f"{_fmt(r.get('ir@1'))}; greedy captions name the right colour and shape in "
                      f"{_fmt(q.get('caption_single'))}% of one-object and {_fmt(q.get('caption_two_larger'))}% of "
                      f"two-object images.")
