@@ -139,31 +139,31 @@ def test_objective_matches_the_official_forward_and_queues_ids():
     assert o.momentum.id_queue().tolist() == [0, 1, 2, 3, 1, 5, 1, 7]
 
 
+def seeded_pair(o, b, direct_batch, info, seed, **direct):
+    """The objective's step and direct_step on a copy of it, under the same torch seed."""
+    ref = copy.deepcopy(o)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = o(b, info)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return out, direct_step(ref, direct_batch, info, **direct)
+
+
 def test_uniform_and_word_swap_itm_negatives_match_a_direct_computation():
     """The filter options beyond the official code: uniformly drawn ITM negatives (itm_hard_from=None),
     never of the same image, and each pair's word-swapped caption as one more negative."""
     o = tiny_retrieval(queue_size=8, itm_hard_from=None)
     b = dict(batch([1, 5, 1, 7], seed=2), neg_text=["a blue shape number 1", None, "a red shape", None])
-    ref = copy.deepcopy(o)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        out = o(b, StepInfo(0, 2, 4))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        loss_ita, loss_itm, neg_img, neg_txt = direct_step(ref, b, StepInfo(0, 2, 4), uniform=True)
+    out, (loss_ita, loss_itm, neg_img, neg_txt) = seeded_pair(o, b, b, StepInfo(0, 2, 4), 3, uniform=True)
     assert torch.allclose(out["loss_itm"], loss_itm, atol=1e-5)
     assert torch.allclose(out["loss_ita"], loss_ita, atol=1e-5)
     ids = b["image_id"]
     assert not (ids[neg_img] == ids).any() and not (ids[neg_txt] == ids).any()
     # mined from step 5 on, swaps from step 9 on: at step 6 the official hard negatives, without the swaps
     o = tiny_retrieval(queue_size=8, itm_hard_from=5, itm_swap_from=9)
-    ref = copy.deepcopy(o)
-    torch.manual_seed(4)
-    with torch.no_grad():
-        out = o(b, StepInfo(1, 2, 4))
-    torch.manual_seed(4)
-    with torch.no_grad():
-        _, loss_itm, _, _ = direct_step(ref, {k: v for k, v in b.items() if k != "neg_text"}, StepInfo(1, 2, 4))
+    plain = {k: v for k, v in b.items() if k != "neg_text"}
+    out, (_, loss_itm, _, _) = seeded_pair(o, b, plain, StepInfo(1, 2, 4), 4)
     assert torch.allclose(out["loss_itm"], loss_itm, atol=1e-5)
 
 
