@@ -114,16 +114,20 @@ def _load_corpus(corpus: str | Path) -> tuple[Path, list[dict]]:
     return corpus, json.loads(meta.read_text())["test"]
 
 
+def _attribute_tests(tests, limit: int | None):
+    """(test item, its one-attribute pairs, their texts true-then-changed) for each test scene that has pairs."""
+    for k, t in enumerate(tests[:limit]):
+        pairs = attribute_pairs(t["scene"], seed=10007 * (k + 1))
+        if pairs:
+            yield t, pairs, [x for true, false, _ in pairs for x in (true, false)]
+
+
 @torch.inference_mode()
 def itm_attributes(model, corpus, tests, limit: int | None = None) -> dict:
     """ITM accuracy (and its mean binary cross-entropy) on true vs one-attribute-changed captions."""
     right: dict[str, list[bool]] = {a: [] for a in ATTRIBUTES}
     nll = []
-    for k, t in enumerate(tests[:limit]):
-        pairs = attribute_pairs(t["scene"], seed=10007 * (k + 1))
-        if not pairs:
-            continue
-        texts = [x for true, false, _ in pairs for x in (true, false)]
+    for t, pairs, texts in _attribute_tests(tests, limit):
         p = model.match(str(corpus / t["image"]), texts)["itm"].double().clamp(1e-6, 1 - 1e-6)
         for j, (_, _, attr) in enumerate(pairs):
             right[attr].append(bool(p[2 * j] > p[2 * j + 1]))
@@ -141,11 +145,8 @@ def decoder_attributes(model, corpus, tests, limit: int | None = None) -> dict:
     from ..tokenizer import DEC_ID
     right: dict[str, list[bool]] = {a: [] for a in ATTRIBUTES}
     dec = model.text_decoder
-    for k, t in enumerate(tests[:limit]):
-        pairs = attribute_pairs(t["scene"], seed=10007 * (k + 1))
-        if not pairs:
-            continue
-        ids, mask = model._texts([x for true, false, _ in pairs for x in (true, false)], 35, DEC_ID)
+    for t, pairs, texts in _attribute_tests(tests, limit):
+        ids, mask = model._texts(texts, 35, DEC_ID)
         states = model.encode_image(str(corpus / t["image"])).expand(ids.shape[0], -1, -1)
         logits = dec.cls(dec.bert(ids, mask, states, mode="causal")).float()
         ll = (logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]).sum(1)
