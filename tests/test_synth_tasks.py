@@ -107,13 +107,15 @@ def vqa_accuracy(prediction: str, answers: list[str], normalise=True) -> float:
 
 def test_vqa_files_annotators_and_accuracy(corpus):
     root, counts, meta = corpus
-    files = {"vqa_train.json": "clean", "vqa_val.json": "val", "vqa_test.json": "test"}
+    # file: (its images' folder, their metadata entries); the web images' entries are metadata's "pretrain"
+    files = {"vqa_train.json": ("clean", "clean"), "vqa_val.json": ("val", "val"), "vqa_test.json": ("test", "test"),
+             "vqa_train_web.json": ("train", "pretrain")}
     answer_list = set(load(root, "answer_list.json"))
     canonical, spelled, wrong_once, ids = {}, 0, 0, []
-    for name, split in files.items():
+    for name, (split, entries) in files.items():
         questions = load(root, name)
         assert len(questions) == counts[name[:-5]] == 5 * counts[split]
-        truth = {q["question_id"]: q for a in meta[split] for q in a["questions"]}
+        truth = {q["question_id"]: q for a in meta[entries] for q in a["questions"]}
         for q in questions:
             assert q["image"].startswith(f"images/{split}/") and q["dataset"] == "vqa" and len(q["answer"]) == 10
             t = truth[q["question_id"]]

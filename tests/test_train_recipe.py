@@ -248,3 +248,45 @@ def test_image_words_loss_matches_a_direct_computation_and_reaches_the_tower():
     assert "word_head.weight" not in model.state_dict()  # a training-only head, not saved with the model
     plain = obj.PretrainObjective(model, queue_size=0, distill=False).eval()
     assert "loss_words" not in plain(batch, obj.StepInfo(0, 3, 10)) and not hasattr(plain, "word_head")
+
+
+def test_mask_tokens_corrupts_only_real_words_at_the_given_rate():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([[101, 2417, 4418, 2006, 1996, 2187, 102, 0, 0]] * 400)
+    mask = (ids != 0).long()
+    out, targets = obj.mask_tokens(ids, mask, 0.15, generator=g)
+    picked = targets != -100
+    assert not picked[:, [0, 6, 7, 8]].any()  # [CLS], [SEP] and pads never picked
+    assert (targets[picked] == ids[picked]).all() and (out[~picked] == ids[~picked]).all()
+    rate = picked[:, 1:6].float().mean().item()
+    assert 0.12 < rate < 0.18
+    masked = (out[picked] == obj.MASK_ID).float().mean().item()
+    assert 0.72 < masked < 0.88
+    others = out[picked & (out != obj.MASK_ID)]
+    assert set(others.tolist()) <= set(ids[0, 1:6].tolist())  # replacements come from the batch's own words
+
+
+def test_mlm_loss_matches_a_direct_computation_and_trains_the_encoder():
+    model = blip.create_model("tiny", task="pretrain", device="cpu")
+    batch = tiny_batch(model)
+    o = obj.PretrainObjective(model, queue_size=0, distill=False, mlm=0.5).eval()
+    out = o(batch, obj.StepInfo(0, 3, 10))
+    assert torch.allclose(out["loss"].detach(), out["loss_ita"] + out["loss_itm"] + out["loss_lm"]
+                          + 0.5 * out["loss_mlm"])
+    # by hand: the same corruption, [ENC] first, the image's states cross-attended, the LM head, plain CE
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    image_embeds = model.visual_encoder(batch["image"])
+    corrupted, targets = obj.mask_tokens(ids, mask, 0.15, generator=torch.Generator().manual_seed(5))
+    assert (targets != -100).any()
+    corrupted[:, 0] = obj.ENC_ID
+    hidden = model.text_encoder(corrupted, mask, encoder_states=image_embeds, mode="multimodal")
+    keep = targets != -100
+    direct = F.cross_entropy(model.text_decoder.cls(hidden[keep]).float(), targets[keep])
+    loss = o.mlm(ids, mask, model.text_encoder.cross_kv(image_embeds), generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(loss, direct, atol=1e-4)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    assert model.text_encoder.layers[0].crossattention.self.query.weight.grad.abs().sum() > 0
+    assert model.visual_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    plain = obj.PretrainObjective(model, queue_size=0, distill=False).eval()
+    assert "loss_mlm" not in plain(batch, obj.StepInfo(0, 3, 10))

@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
-PAD_ID, UNK_ID, CLS_ID, SEP_ID = 0, 100, 101, 102
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 100, 101, 102, 103
 DEC_ID, ENC_ID = 30522, 30523
 
 _PUNCT = re.compile(r"([.!\"()*#:;~])")

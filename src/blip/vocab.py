@@ -19,9 +19,9 @@ from typing import Iterable, Iterator
 import torch
 
 from .config import BlipConfig
-from .tokenizer import CLS_ID, DEC_ID, ENC_ID, PAD_ID, SEP_ID, UNK_ID, BlipTokenizer, pre_caption
+from .tokenizer import CLS_ID, DEC_ID, ENC_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, BlipTokenizer, pre_caption
 
-SPECIAL_IDS = (PAD_ID, UNK_ID, CLS_ID, SEP_ID, 103, DEC_ID, ENC_ID)  # 103 = [MASK]
+SPECIAL_IDS = (PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID, DEC_ID, ENC_ID)
 TEXT_FIELDS = ("caption", "question", "answer", "sentence", "text")  # the official annotation formats' texts
 _ROW_KEYS = ("word_embeddings.weight", "predictions.bias", "predictions.decoder.weight", "predictions.decoder.bias")
 

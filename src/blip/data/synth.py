@@ -22,6 +22,7 @@ Files, in the official BLIP formats (image paths are relative to the corpus fold
   val_gt.json, test_gt.json  COCO captions: {"images": [{"id"}], "annotations": [{"image_id", "caption", "id"}]}
   vqa_{train,val,test}.json  [{"question_id", "image", "question", "answer": [10 annotators], "dataset": "vqa",
                               "question_type", "answer_type"}]  (test keeps its answers, to be scored here)
+  vqa_train_web.json     the same kind of questions about the web images (pretrain.json's), ids after val's
   answer_list.json       every canonical VQA answer
   nlvr_{train,dev,test}.json [{"images": [left, right], "sentence", "label": "True" | "False"}]
   metadata.json          the truth: scenes, noise labels, canonical answers, NLVR claims and evidence
@@ -584,7 +585,8 @@ def generate_corpus(out_dir, seed: int = 0, n_train: int = 4000, n_clean: int = 
                     noise_kinds: tuple[str, ...] = NOISE_KINDS, n_val: int = 200, nlvr_statements: int = 4) -> dict:
     """Write the synthetic corpus to out_dir and return a summary (counts per split and noise kind).
 
-    Splits: `train` = noisy web pairs (pretrain.json and the tar shards), `clean` = "human-annotated"
+    Splits: `train` = noisy web pairs (pretrain.json and the tar shards; VQA questions about its images in
+    vqa_train_web.json), `clean` = "human-annotated"
     images with clean_refs captions each (clean_train.json, vqa_train.json, nlvr_train.json), `val`
     and `test` = images with test_refs captions (val.json, val_gt.json, vqa_val.json, nlvr_dev.json;
     test.json, test_gt.json, vqa_test.json, nlvr_test.json). Exactly round(noise_fraction * n_train)
@@ -702,7 +704,20 @@ def generate_corpus(out_dir, seed: int = 0, n_train: int = 4000, n_clean: int = 
                                    "question_type": qtype, "answer_type": ANSWER_TYPES.get(qtype, "other")})
                 a["questions"].append({"question_id": qid, "question": q, "answer": ans, "question_type": qtype})
                 qid += 1
-    answer_list = sorted({q["answer"] for split in vqa for a in annotated[split] for q in a["questions"]})
+    # the same questions asked of the web images (as VQA v2 asks of COCO's train images, which pretraining
+    # sees too): a larger train split for a VQA model trained from random weights; ids after val's
+    vqa["train"] = []
+    for i, (scene, pair) in enumerate(zip(scenes["train"], pairs)):
+        rng = np.random.default_rng([seed, SPLIT_CODES["train"], i, 5])
+        pair["questions"] = []
+        for q, ans, qtype in vqa_pairs(scene, rng, questions_per_image):
+            vqa["train"].append({"question_id": qid, "image": pair["image"], "question": q,
+                                 "answer": annotator_answers(ans, qtype, rng), "dataset": "vqa",
+                                 "question_type": qtype, "answer_type": ANSWER_TYPES.get(qtype, "other")})
+            pair["questions"].append({"question_id": qid, "question": q, "answer": ans, "question_type": qtype})
+            qid += 1
+    answer_list = sorted({q["answer"] for split in ("clean", "test", "val") for a in annotated[split]
+                          for q in a["questions"]} | {q["answer"] for p in pairs for q in p["questions"]})
 
     # NLVR: image i of a split is the left image of one pair, with a random other image on the right
     nlvr, nlvr_meta = {}, {}
@@ -724,6 +739,7 @@ def generate_corpus(out_dir, seed: int = 0, n_train: int = 4000, n_clean: int = 
     counts = {"train": n_train, "noisy": sum(noise_counts.values()), "noise": noise_counts,
               "clean": n_clean, "clean_captions": len(clean_train), "val": n_val, "test": n_test,
               "vqa_train": len(vqa["clean"]), "vqa_val": len(vqa["val"]), "vqa_test": len(vqa["test"]),
+              "vqa_train_web": len(vqa["train"]),
               "answers": len(answer_list), "nlvr_train": len(nlvr["train"]), "nlvr_dev": len(nlvr["dev"]),
               "nlvr_test": len(nlvr["test"]), "shards": (n_train + shard_size - 1) // shard_size}
     params = {"seed": seed, "n_train": n_train, "n_clean": n_clean, "n_val": n_val, "n_test": n_test,
@@ -735,7 +751,7 @@ def generate_corpus(out_dir, seed: int = 0, n_train: int = 4000, n_clean: int = 
     for split in ("val", "test"):
         write_json(out / f"{split}.json", karpathy[split])
         write_json(out / f"{split}_gt.json", coco_gt[split])
-    for split, name in (("clean", "train"), ("val", "val"), ("test", "test")):
+    for split, name in (("clean", "train"), ("val", "val"), ("test", "test"), ("train", "train_web")):
         write_json(out / f"vqa_{name}.json", vqa[split])
     write_json(out / "answer_list.json", answer_list)
     for name in nlvr:
@@ -767,7 +783,8 @@ def summary_line(counts: dict, out_dir) -> str:
     noise = ", ".join(f"{k} {v}" for k, v in counts["noise"].items())
     return (f"{counts['train']} web pairs ({counts['noisy']} noisy: {noise}) in {counts['shards']} shards, "
             f"{counts['clean']} clean images ({counts['clean_captions']} captions), {counts['val']} val / "
-            f"{counts['test']} test images, vqa {counts['vqa_train']} train / {counts['vqa_val']} val / "
+            f"{counts['test']} test images, vqa {counts['vqa_train']} train (+ {counts['vqa_train_web']} on web images) / "
+            f"{counts['vqa_val']} val / "
             f"{counts['vqa_test']} test questions, nlvr {counts['nlvr_train']} train / {counts['nlvr_dev']} dev / "
             f"{counts['nlvr_test']} test statements -> {out_dir}")
 

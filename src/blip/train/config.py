@@ -89,6 +89,8 @@ class TrainConfig:
     itc_swap_negatives: bool = False       # the word-swap captions are ITC text negatives too (distill=False)
     image_words: float = 0.0               # weight of an extra loss: the image tower's patches predict which
     #                                        vocabulary words the caption holds (SuperClass-style); 0: off (official)
+    mlm: float = 0.0                       # weight of ALBEF's image-grounded masked-language loss on the [ENC]
+    #                                        encoder (15% of words); 0: off (official BLIP has none)
     distill: bool = True                   # momentum towers + distilled ITC targets (official); False: in-batch
     #                                        InfoNCE on the online features (needs queue_size 0)
     itm_swap_words: Any = None             # ITM negatives: each caption with one alternative of a group replaced

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..med import KVCache
-from ..tokenizer import DEC_ID, ENC_ID
+from ..tokenizer import DEC_ID, ENC_ID, MASK_ID, PAD_ID, SEP_ID
 from . import distributed as dist
 
 
@@ -324,6 +324,26 @@ def image_words_loss(patch_logits: torch.Tensor, words: torch.Tensor) -> torch.T
     return (bce / words.sum(1).clamp(min=1)).mean()
 
 
+def mask_tokens(ids: torch.Tensor, mask: torch.Tensor, probability: float = 0.15,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ALBEF's MLM corruption: each real token (not [CLS]/[ENC] first, pads or [SEP]) is picked with
+    `probability`; of the picked, 80% become [MASK], 10% another token of the batch (so a trimmed
+    vocabulary still holds it), 10% stay. Returns (corrupted ids, targets: the picked tokens' ids, else -100)."""
+    real = (mask > 0) & (ids != SEP_ID) & (ids != PAD_ID)
+    real[:, 0] = False
+    u = torch.rand(ids.shape, generator=generator, device=ids.device)
+    picked = real & (u < probability)
+    targets = ids.masked_fill(~picked, -100)
+    v = torch.rand(ids.shape, generator=generator, device=ids.device)
+    out = ids.clone()
+    out[picked & (v < 0.8)] = MASK_ID
+    swap = picked & (v >= 0.8) & (v < 0.9)
+    if bool(swap.any()):
+        pool = ids[real]
+        out[swap] = pool[torch.randint(len(pool), (int(swap.sum()),), generator=generator, device=ids.device)]
+    return out, targets
+
+
 def unimodal_features(model, images, ids, mask):
     """(ViT states, normalised ITC image features, normalised ITC text features), the temperature clamped to
     [0.001, 0.5] first, as the official pretraining and retrieval forwards begin."""
@@ -354,8 +374,9 @@ class PretrainObjective(nn.Module):
                  queue_init: str = "empty", itc_only_steps: int = 0, distill: bool = True,
                  loss_weights: dict | None = None, itm_hard_from: int | None = 0,
                  itm_swap_from: int = 0, itm_pairs: int | None = None, itc_swap_negatives: bool = False,
-                 image_words: float = 0.0):
+                 image_words: float = 0.0, mlm: float = 0.0, mlm_probability: float = 0.15):
         super().__init__()
+        self.mlm_weight, self.mlm_probability = mlm, mlm_probability
         if itc_swap_negatives and distill:
             raise ValueError("itc_swap_negatives adds text negatives to in-batch ITC: it needs distill=False")
         self.itc_swap_negatives = itc_swap_negatives
@@ -425,6 +446,10 @@ class PretrainObjective(nn.Module):
         w = self.weights
         loss = w["ita"] * loss_ita + w["itm"] * loss_itm + w["lm"] * loss_lm
         out = {}
+        if self.mlm_weight and step >= self.itc_only_steps:
+            loss_mlm = self.mlm(ids, mask, kv)
+            loss = loss + self.mlm_weight * loss_mlm
+            out["loss_mlm"] = loss_mlm.detach()
         if self.image_words:
             words = caption_words(m.text_decoder.cls.target_rows(ids.masked_fill(mask == 0, -100)),
                                   self.word_head.out_features)
@@ -476,6 +501,17 @@ class PretrainObjective(nn.Module):
 
     def itm_states(self, ids, mask, neg_ids, neg_mask, kv, neg_kv):
         return itm_states(self.model.text_encoder, ids, mask, neg_ids, neg_mask, kv, neg_kv)
+
+    def mlm(self, ids, mask, kv, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Image-grounded masked-language modelling (ALBEF; not in BLIP): the [ENC] encoder, bidirectional,
+        restores masked caption words from the rest of the caption and the image; the decoder's LM head
+        (tied to the shared word embeddings) reads its states. Dense per-word grounding for the tower ITM reads."""
+        corrupted, targets = mask_tokens(ids, mask, self.mlm_probability, generator)
+        corrupted[:, 0] = ENC_ID
+        hidden = self.model.text_encoder(corrupted, mask, mode="multimodal", cache=KVCache(kv, None))
+        keep = targets != -100
+        cls = self.model.text_decoder.cls
+        return lm_loss(cls.rows(hidden[keep]), cls.target_rows(targets[keep]), 0.0)
 
     def lm(self, ids, mask, image_embeds, kv) -> torch.Tensor:
         dec = self.model.text_decoder
