@@ -691,33 +691,31 @@ def generate_corpus(out_dir, seed: int = 0, n_train: int = 4000, n_clean: int = 
                                    for k, (a, c) in enumerate((a, c) for a in annotated[s] for c in a["captions"])]}
                for s in ("val", "test")}
 
-    # VQA: question ids run over clean, test, then val, so adding val left the earlier ids as they were
-    vqa = {"clean": [], "test": [], "val": []}
-    qid = 0
-    for split in vqa:
-        for i, a in enumerate(annotated[split]):
-            rng = np.random.default_rng([seed, SPLIT_CODES[split], i, 3])
-            a["questions"] = []
-            for q, ans, qtype in a["vqa"]:
-                vqa[split].append({"question_id": qid, "image": a["image"], "question": q,
-                                   "answer": annotator_answers(ans, qtype, rng), "dataset": "vqa",
-                                   "question_type": qtype, "answer_type": ANSWER_TYPES.get(qtype, "other")})
-                a["questions"].append({"question_id": qid, "question": q, "answer": ans, "question_type": qtype})
-                qid += 1
+    # VQA: question ids run over clean, test, then val, so adding val left the earlier ids as they were; then
     # the same questions asked of the web images (as VQA v2 asks of COCO's train images, which pretraining
-    # sees too): a larger train split for a VQA model trained from random weights; ids after val's
-    vqa["train"] = []
+    # sees too): a larger train split for a VQA model trained from random weights
+    def ask(owner: dict, qa, rng, qid: int) -> list[dict]:
+        """The file entries of owner's questions qa (annotators drawn from rng); owner["questions"] = the truth."""
+        entries, owner["questions"] = [], []
+        for k, (q, ans, qtype) in enumerate(qa, start=qid):
+            entries.append({"question_id": k, "image": owner["image"], "question": q,
+                            "answer": annotator_answers(ans, qtype, rng), "dataset": "vqa",
+                            "question_type": qtype, "answer_type": ANSWER_TYPES.get(qtype, "other")})
+            owner["questions"].append({"question_id": k, "question": q, "answer": ans, "question_type": qtype})
+        return entries
+
+    vqa = {"clean": [], "test": [], "val": [], "train": []}
+    qid = 0
+    for split in ("clean", "test", "val"):
+        for i, a in enumerate(annotated[split]):
+            vqa[split] += ask(a, a["vqa"], np.random.default_rng([seed, SPLIT_CODES[split], i, 3]), qid)
+            qid += len(a["vqa"])
     for i, (scene, pair) in enumerate(zip(scenes["train"], pairs)):
         rng = np.random.default_rng([seed, SPLIT_CODES["train"], i, 5])
-        pair["questions"] = []
-        for q, ans, qtype in vqa_pairs(scene, rng, questions_per_image):
-            vqa["train"].append({"question_id": qid, "image": pair["image"], "question": q,
-                                 "answer": annotator_answers(ans, qtype, rng), "dataset": "vqa",
-                                 "question_type": qtype, "answer_type": ANSWER_TYPES.get(qtype, "other")})
-            pair["questions"].append({"question_id": qid, "question": q, "answer": ans, "question_type": qtype})
-            qid += 1
-    answer_list = sorted({q["answer"] for split in ("clean", "test", "val") for a in annotated[split]
-                          for q in a["questions"]} | {q["answer"] for p in pairs for q in p["questions"]})
+        vqa["train"] += ask(pair, vqa_pairs(scene, rng, questions_per_image), rng, qid)
+        qid += len(pair["questions"])
+    answer_list = sorted({q["answer"] for owner in [*annotated["clean"], *annotated["test"], *annotated["val"], *pairs]
+                          for q in owner["questions"]})
 
     # NLVR: image i of a split is the left image of one pair, with a random other image on the right
     nlvr, nlvr_meta = {}, {}
@@ -783,10 +781,9 @@ def summary_line(counts: dict, out_dir) -> str:
     noise = ", ".join(f"{k} {v}" for k, v in counts["noise"].items())
     return (f"{counts['train']} web pairs ({counts['noisy']} noisy: {noise}) in {counts['shards']} shards, "
             f"{counts['clean']} clean images ({counts['clean_captions']} captions), {counts['val']} val / "
-            f"{counts['test']} test images, vqa {counts['vqa_train']} train (+ {counts['vqa_train_web']} on web images) / "
-            f"{counts['vqa_val']} val / "
-            f"{counts['vqa_test']} test questions, nlvr {counts['nlvr_train']} train / {counts['nlvr_dev']} dev / "
-            f"{counts['nlvr_test']} test statements -> {out_dir}")
+            f"{counts['test']} test images, vqa {counts['vqa_train']} train (+ {counts['vqa_train_web']} on web "
+            f"images) / {counts['vqa_val']} val / {counts['vqa_test']} test questions, nlvr {counts['nlvr_train']} "
+            f"train / {counts['nlvr_dev']} dev / {counts['nlvr_test']} test statements -> {out_dir}")
 
 
 # -----------------------------------------------------------------------------
