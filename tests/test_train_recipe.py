@@ -290,3 +290,42 @@ def test_mlm_loss_matches_a_direct_computation_and_trains_the_encoder():
     assert model.visual_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
     plain = obj.PretrainObjective(model, queue_size=0, distill=False).eval()
     assert "loss_mlm" not in plain(batch, obj.StepInfo(0, 3, 10))
+
+
+def test_replaced_tokens_mark_what_a_swap_put_in_whatever_its_length():
+    model = blip.create_model("tiny", task="pretrain", device="cpu")
+    tok = model.tokenizer
+    orig = ["a small red circle on the left", "a red circle above a blue star"]
+    swap = ["a large red circle on the left", "a red circle to the left of a blue star"]
+    ids, mask = tok(orig, max_length=20, padding="max_length")
+    s_ids, s_mask = tok(swap, max_length=20, padding="max_length")
+    got = obj.replaced_tokens(ids, mask, s_ids, s_mask)
+    for j, text in enumerate(swap):
+        words = [tok.decode([int(t)]) for t in s_ids[j][got[j]]]
+        assert " ".join(words) == ("large" if j == 0 else "to the left of")
+    assert not got[s_mask == 0].any()
+
+
+def test_replaced_token_loss_matches_a_direct_computation_and_joins_the_total():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 2)
+    replaced = torch.tensor([[0, 0, 1, 0, 0], [0, 1, 1, 0, 0]], dtype=torch.bool)
+    valid = torch.tensor([[0, 1, 1, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    changed = [logits[0, 2], logits[1, 1], logits[1, 2]]
+    kept = [logits[0, 1], logits[0, 3], logits[1, 3], logits[1, 4]]
+    nll = lambda xs, y: sum(-x.log_softmax(-1)[y] for x in xs) / len(xs)  # noqa: E731
+    assert torch.allclose(obj.replaced_token_loss(logits, replaced, valid), 0.5 * nll(changed, 0) + 0.5 * nll(kept, 1))
+    model = blip.create_model("tiny", task="pretrain", device="cpu")
+    batch = tiny_batch(model)
+    ids, mask = model.tokenizer(["a dog on a blue mat", "two cats", "a red car parked by a tree", "sky"],
+                                max_length=30, padding="max_length")
+    batch = dict(batch, neg_input_ids=ids, neg_attention_mask=mask, neg_valid=torch.tensor([True, False, True, False]))
+    o = obj.PretrainObjective(model, queue_size=0, distill=False, rtd=0.5).eval()
+    torch.manual_seed(1)
+    out = o(batch, obj.StepInfo(0, 3, 10))
+    assert out["loss_rtd"] > 0
+    assert torch.allclose(out["loss"].detach(), out["loss_ita"] + out["loss_itm"] + out["loss_lm"]
+                          + 0.5 * out["loss_rtd"])
+    torch.manual_seed(1)
+    plain = obj.PretrainObjective(model, queue_size=0, distill=False).eval()(batch, obj.StepInfo(0, 3, 10))
+    assert "loss_rtd" not in plain and torch.allclose(plain["loss_itm"], out["loss_itm"])  # ITM itself unchanged

@@ -91,6 +91,8 @@ class TrainConfig:
     #                                        vocabulary words the caption holds (SuperClass-style); 0: off (official)
     mlm: float = 0.0                       # weight of ALBEF's image-grounded masked-language loss on the [ENC]
     #                                        encoder (15% of words); 0: off (official BLIP has none)
+    rtd: float = 0.0                       # weight of replaced-token detection on the word-swap ITM negatives:
+    #                                        the ITM head on every token says which the swap put in; 0: off
     distill: bool = True                   # momentum towers + distilled ITC targets (official); False: in-batch
     #                                        InfoNCE on the online features (needs queue_size 0)
     itm_swap_words: Any = None             # ITM negatives: each caption with one alternative of a group replaced
@@ -140,6 +142,10 @@ class TrainConfig:
                              f"got {self.similar_groups}")
         if self.itc_swap_negatives and (self.distill or not self.itm_swap_words):
             raise ValueError("itc_swap_negatives needs distill=false and itm_swap_words (the captions it adds)")
+        if self.rtd and not self.itm_swap_words:
+            raise ValueError("rtd reads the word-swap ITM negatives: it needs itm_swap_words")
+        if self.rtd < 0 or self.mlm < 0 or self.image_words < 0:
+            raise ValueError("the rtd, mlm and image_words weights must be >= 0")
         if self.negatives_all_rank:  # token ids are gathered across ranks: equal widths
             self.text_padding = "max_length"
         for pattern in self.lr_scales:

@@ -202,13 +202,47 @@ def sample_negatives(weights: torch.Tensor, generator: torch.Generator | None = 
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
-def swap_states(text_encoder, ids: torch.Tensor, mask: torch.Tensor, kv, rows: torch.Tensor) -> torch.Tensor:
-    """[ENC] states of word-swap negatives: image rows[j] with ids[j] (its own caption, one attribute
-    replaced; [CLS] first), reusing those images' cross-attention keys/values."""
+def swap_states(text_encoder, ids: torch.Tensor, mask: torch.Tensor, kv, rows: torch.Tensor,
+                every_token: bool = False) -> torch.Tensor:
+    """[ENC] states (every token's with every_token) of word-swap negatives: image rows[j] with ids[j] (its
+    own caption, one attribute replaced; [CLS] first), reusing those images' cross-attention keys/values."""
     ids = ids.clone()
     ids[:, 0] = ENC_ID
     cache = KVCache([(k[rows], v[rows]) for k, v in kv], None)
-    return text_encoder(ids, mask, mode="multimodal", cache=cache)[:, 0]
+    states = text_encoder(ids, mask, mode="multimodal", cache=cache)
+    return states if every_token else states[:, 0]
+
+
+def replaced_tokens(ids: torch.Tensor, mask: torch.Tensor, swap_ids: torch.Tensor,
+                    swap_mask: torch.Tensor) -> torch.Tensor:
+    """(N, T') bool: the tokens of each swapped caption that are not the original's, i.e. between the
+    longest common prefix and the longest common suffix of the two token sequences (a swap replaces one
+    word or phrase, possibly of another length)."""
+    out = torch.zeros_like(swap_mask, dtype=torch.bool)
+    for j in range(len(ids)):
+        a, b = ids[j][mask[j].bool()].tolist(), swap_ids[j][swap_mask[j].bool()].tolist()
+        p = 0
+        while p < min(len(a), len(b)) and a[p] == b[p]:
+            p += 1
+        s = 0
+        while s < min(len(a), len(b)) - p and a[-1 - s] == b[-1 - s]:
+            s += 1
+        out[j, p:len(b) - s] = True
+    return out
+
+
+def replaced_token_loss(logits: torch.Tensor, replaced: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Replaced-token detection (ELECTRA's, grounded): every token state of a word-swapped caption, through
+    the ITM head, says whether that token matches the image (label 1) or was put in by the swap (label 0).
+    The two kinds are averaged separately so that the one or two replaced tokens weigh as much as the rest."""
+    logits = logits.float()
+    changed, kept = replaced & valid, ~replaced & valid
+    loss = logits.new_zeros(())
+    for rows, label in ((changed, 0), (kept, 1)):
+        if bool(rows.any()):
+            x = logits[rows]
+            loss = loss + 0.5 * F.cross_entropy(x, torch.full((len(x),), label, dtype=torch.long, device=x.device))
+    return loss
 
 
 def itm_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> torch.Tensor:
@@ -374,9 +408,10 @@ class PretrainObjective(nn.Module):
                  queue_init: str = "empty", itc_only_steps: int = 0, distill: bool = True,
                  loss_weights: dict | None = None, itm_hard_from: int | None = 0,
                  itm_swap_from: int = 0, itm_pairs: int | None = None, itc_swap_negatives: bool = False,
-                 image_words: float = 0.0, mlm: float = 0.0, mlm_probability: float = 0.15):
+                 image_words: float = 0.0, mlm: float = 0.0, mlm_probability: float = 0.15, rtd: float = 0.0):
         super().__init__()
         self.mlm_weight, self.mlm_probability = mlm, mlm_probability
+        self.rtd_weight = rtd
         if itc_swap_negatives and distill:
             raise ValueError("itc_swap_negatives adds text negatives to in-batch ITC: it needs distill=False")
         self.itc_swap_negatives = itc_swap_negatives
@@ -435,8 +470,8 @@ class PretrainObjective(nn.Module):
             if self.itm_hard_from is None or step < self.itm_hard_from:  # in-batch negatives drawn uniformly
                 sim_i2t, sim_t2i = torch.zeros_like(sim_i2t), torch.zeros_like(sim_t2i)
             swap = [batch.get(k) for k in ("neg_input_ids", "neg_attention_mask", "neg_valid")]
-            loss_itm = self.itm(image_embeds, image_feat, text_feat, ids, mask, sim_i2t, sim_t2i, kv,
-                                *(swap if step >= self.itm_swap_from else ()))
+            loss_itm, loss_rtd = self.itm(image_embeds, image_feat, text_feat, ids, mask, sim_i2t, sim_t2i, kv,
+                                          *(swap if step >= self.itm_swap_from else ()))
             loss_lm = self.lm(ids, mask, image_embeds, kv)
         if self.momentum is not None:
             self.momentum.enqueue(image_feat_m, text_feat_m)
@@ -446,6 +481,9 @@ class PretrainObjective(nn.Module):
         w = self.weights
         loss = w["ita"] * loss_ita + w["itm"] * loss_itm + w["lm"] * loss_lm
         out = {}
+        if self.rtd_weight and step >= self.itc_only_steps:
+            loss = loss + self.rtd_weight * loss_rtd
+            out["loss_rtd"] = loss_rtd.detach()
         if self.mlm_weight and step >= self.itc_only_steps:
             loss_mlm = self.mlm(ids, mask, kv)
             loss = loss + self.mlm_weight * loss_mlm
@@ -493,11 +531,18 @@ class PretrainObjective(nn.Module):
                                                    all_rank)
         pos, neg_text, neg_image = itm_states(m.text_encoder, enc_ids, mask, neg_ids, neg_mask, kv, neg_kv)
         negatives = [neg_text, neg_image]
+        loss_rtd = pos.new_zeros(())
         if swap_ids is not None and bool(swap_valid.any()):  # (image b, its caption with one word replaced)
             rows = swap_valid.nonzero()[:, 0]
-            negatives.append(swap_states(m.text_encoder, swap_ids[rows], swap_mask[rows], kv, rows))
+            states = swap_states(m.text_encoder, swap_ids[rows], swap_mask[rows], kv, rows, every_token=True)
+            negatives.append(states[:, 0])
+            if self.rtd_weight:  # the caption's own tokens, [ENC] and pads left out
+                replaced = replaced_tokens(ids[rows], mask[rows], swap_ids[rows], swap_mask[rows])
+                valid = swap_mask[rows].bool().clone()
+                valid[:, 0] = False
+                loss_rtd = replaced_token_loss(m.itm_head(states), replaced, valid)
         logits = m.itm_head(torch.cat([pos, *negatives]))
-        return itm_loss(logits[:bs], logits[bs:])
+        return itm_loss(logits[:bs], logits[bs:]), loss_rtd
 
     def itm_states(self, ids, mask, neg_ids, neg_mask, kv, neg_kv):
         return itm_states(self.model.text_encoder, ids, mask, neg_ids, neg_mask, kv, neg_kv)
