@@ -401,7 +401,9 @@ class PretrainObjective(nn.Module):
     `blip.train.data.WordSwap`) gives ITM one more negative per pair. `itm_pairs`: ITM on the first N pairs
     of the batch only, negatives drawn among them (ITM's text passes are most of a small model's step).
     `itc_swap_negatives` (with distill=False): those word-swapped captions are extra ITC text negatives too,
-    so that ITC's image feature must tell a caption from the same caption with one attribute changed."""
+    so that ITC's image feature must tell a caption from the same caption with one attribute changed.
+    `rtd`: weight of replaced-token detection on those swapped captions (`replaced_token_loss`), a label per
+    token where ITM has one per pair."""
 
     def __init__(self, model: nn.Module, queue_size: int = 57600, momentum: float = 0.995, alpha: float = 0.4,
                  alpha_ramp_epochs: float = 2, negatives_all_rank: bool = False, label_smoothing: float = 0.1,
@@ -536,7 +538,7 @@ class PretrainObjective(nn.Module):
             rows = swap_valid.nonzero()[:, 0]
             states = swap_states(m.text_encoder, swap_ids[rows], swap_mask[rows], kv, rows, every_token=True)
             negatives.append(states[:, 0])
-            if self.rtd_weight:  # the caption's own tokens, [ENC] and pads left out
+            if self.rtd_weight:  # every token but [ENC] and the pads
                 replaced = replaced_tokens(ids[rows], mask[rows], swap_ids[rows], swap_mask[rows])
                 valid = swap_mask[rows].bool().clone()
                 valid[:, 0] = False
