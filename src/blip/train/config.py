@@ -118,7 +118,7 @@ class TrainConfig:
             self.vocab_from = [self.vocab_from]
         check_types(self)
         counts = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "seed"}
-        negative = [k for k, v in counts.items() if type(v) is int and v < 0]
+        negative = [k for k, v in counts.items() if type(v) in (int, float) and v < 0]
         if negative:
             raise ValueError(f"config keys {negative} must be >= 0")
         if self.grad_accum < 1 or self.batch_size < 1:
@@ -144,8 +144,6 @@ class TrainConfig:
             raise ValueError("itc_swap_negatives needs distill=false and itm_swap_words (the captions it adds)")
         if self.rtd and not self.itm_swap_words:
             raise ValueError("rtd reads the word-swap ITM negatives: it needs itm_swap_words")
-        if self.rtd < 0 or self.mlm < 0 or self.image_words < 0:
-            raise ValueError("the rtd, mlm and image_words weights must be >= 0")
         if self.negatives_all_rank:  # token ids are gathered across ranks: equal widths
             self.text_padding = "max_length"
         for pattern in self.lr_scales:

@@ -231,17 +231,15 @@ def replaced_tokens(ids: torch.Tensor, mask: torch.Tensor, swap_ids: torch.Tenso
     return out
 
 
-def replaced_token_loss(logits: torch.Tensor, replaced: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Replaced-token detection (ELECTRA's, grounded): every token state of a word-swapped caption, through
-    the ITM head, says whether that token matches the image (label 1) or was put in by the swap (label 0).
-    The two kinds are averaged separately so that the one or two replaced tokens weigh as much as the rest."""
+def replaced_token_loss(logits: torch.Tensor, replaced: torch.Tensor) -> torch.Tensor:
+    """Replaced-token detection (ELECTRA's, grounded): the ITM logits (N, 2) of a word-swapped caption's
+    tokens say whether each matches the image (label 1) or was put in by the swap (replaced, label 0). The
+    two kinds are averaged separately so that the one or two replaced tokens weigh as much as the rest."""
     logits = logits.float()
-    changed, kept = replaced & valid, ~replaced & valid
     loss = logits.new_zeros(())
-    for rows, label in ((changed, 0), (kept, 1)):
+    for rows, label in ((replaced, 0), (~replaced, 1)):
         if bool(rows.any()):
-            x = logits[rows]
-            loss = loss + 0.5 * F.cross_entropy(x, torch.full((len(x),), label, dtype=torch.long, device=x.device))
+            loss = loss + 0.5 * F.cross_entropy(logits[rows], rows.new_full((int(rows.sum()),), label, dtype=torch.long))
     return loss
 
 
@@ -542,7 +540,7 @@ class PretrainObjective(nn.Module):
                 replaced = replaced_tokens(ids[rows], mask[rows], swap_ids[rows], swap_mask[rows])
                 valid = swap_mask[rows].bool().clone()
                 valid[:, 0] = False
-                loss_rtd = replaced_token_loss(m.itm_head(states), replaced, valid)
+                loss_rtd = replaced_token_loss(m.itm_head(states[valid]), replaced[valid])
         logits = m.itm_head(torch.cat([pos, *negatives]))
         return itm_loss(logits[:bs], logits[bs:]), loss_rtd
 
