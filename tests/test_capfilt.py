@@ -223,3 +223,21 @@ def test_beam_search_and_an_unreadable_image(setup):
     assert audit(out)["text"][1] == beams[0]  # beam search is the plain captioner's
     with pytest.raises(ValueError, match="one caption per image"):
         bootstrap(setup["cap_model"], setup["ret_model"], web, out, num_beams=3, num_captions=2)
+
+
+def test_out_folder_another_rank_started_is_not_foreign(tmp_path):
+    """Under torchrun one rank may have made parts/ and shards/ (or be writing its manifest) before another
+    looks at --out: that folder is this run's, while a folder with anything else in it is refused."""
+    from blip.capfilt.pipeline import RunFolder
+    manifest = {"args": {"k": 1}, "parts": []}
+    started = tmp_path / "started"
+    (started / "parts").mkdir(parents=True)
+    (started / "shards").mkdir()
+    (started / ".manifest.json.123.tmp").write_bytes(b"")
+    RunFolder(started, manifest, rank=1, force=False)
+    assert json.loads((started / "manifest.json").read_text()) == manifest
+    foreign = tmp_path / "foreign"
+    (foreign / "parts").mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds no capfilt run"):
+        RunFolder(foreign, manifest, rank=0, force=False)

@@ -287,6 +287,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _foreign_entries(folder: Path) -> list[str]:
+    """What in `folder` is not this run's own making. Under torchrun another rank may have made the
+    subfolders, or be writing its manifest, before this one looks: those are not a foreign folder."""
+    own = ("parts", "shards")
+    return [e.name for e in folder.iterdir()
+            if e.name not in own and not (e.name.startswith(".manifest.json.") and e.name.endswith(".tmp"))]
+
+
 class RunFolder:
     """DIR/manifest.json (the arguments and the parts), DIR/parts/part-NNNNN.parquet (a finished part's audit
     rows and statistics), DIR/shards/bootstrapped-NNNNN.tar (its kept pairs), then the assembled outputs."""
@@ -299,7 +307,7 @@ class RunFolder:
         path = self.dir / "manifest.json"
         if self.dir.exists() and not self.dir.is_dir():
             raise ValueError(f"--out {self.dir} exists and is not a folder")
-        if self.dir.exists() and any(self.dir.iterdir()) and not path.exists():
+        if self.dir.exists() and not path.exists() and _foreign_entries(self.dir):
             raise ValueError(f"--out {self.dir} is not empty and holds no capfilt run (manifest.json); pick another")
         started = time.time_ns()
         if force and rank == 0:
