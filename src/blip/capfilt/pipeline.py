@@ -278,6 +278,11 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def _is_tmp_of(name: str, path: Path) -> bool:
+    """Whether `name` is a `_tmp(path)` of some process."""
+    return name.startswith(f".{path.name}.") and name.endswith(".tmp")
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = _tmp(path)
     with open(tmp, "wb") as f:
@@ -285,14 +290,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _foreign_entries(folder: Path) -> list[str]:
-    """What in `folder` is not this run's own making. Under torchrun another rank may have made the
-    subfolders, or be writing its manifest, before this one looks: those are not a foreign folder."""
-    own = ("parts", "shards")
-    return [e.name for e in folder.iterdir()
-            if e.name not in own and not (e.name.startswith(".manifest.json.") and e.name.endswith(".tmp"))]
 
 
 class RunFolder:
@@ -307,7 +304,10 @@ class RunFolder:
         path = self.dir / "manifest.json"
         if self.dir.exists() and not self.dir.is_dir():
             raise ValueError(f"--out {self.dir} exists and is not a folder")
-        if self.dir.exists() and not path.exists() and _foreign_entries(self.dir):
+        # another rank may have made the subfolders, or be writing the manifest, before this one looks
+        own = (self.parts_dir.name, self.shards_dir.name)
+        if self.dir.exists() and not path.exists() and any(
+                e.name not in own and not _is_tmp_of(e.name, path) for e in self.dir.iterdir()):
             raise ValueError(f"--out {self.dir} is not empty and holds no capfilt run (manifest.json); pick another")
         started = time.time_ns()
         if force and rank == 0:
