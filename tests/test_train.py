@@ -385,9 +385,10 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_bf16_autocast_with_grad_checkpointing_and_accumulation(tmp_path):
-    cfg = TrainConfig.load(None, TINY + ["bf16=true", "model.vision.grad_checkpointing=true", "grad_accum=2",
-                                         "synthetic_pairs=16", "queue_size=8"])
+    cfg = TrainConfig.load(None, TINY + ["bf16=true", "bf16_emulated=true", "model.vision.grad_checkpointing=true",
+                                         "grad_accum=2", "synthetic_pairs=16", "queue_size=8"])
     trainer = Trainer(cfg, tmp_path)
+    assert trainer.bf16  # forced, native or not
     assert all(b.use_checkpoint for b in trainer.model.visual_encoder.blocks)
     before = trainer.model.visual_encoder.blocks[0].attn.qkv.weight.clone()
     result = trainer.train()
@@ -396,6 +397,19 @@ def test_bf16_autocast_with_grad_checkpointing_and_accumulation(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in log)
     assert not torch.equal(before, trainer.model.visual_encoder.blocks[0].attn.qkv.weight)
     assert trainer.model.visual_encoder.blocks[0].attn.qkv.weight.dtype == torch.float32
+
+
+def test_bf16_autocast_only_where_the_cpu_computes_bf16(tmp_path, capsys):
+    """bf16=true means bf16 where it is native; on an AVX2-only CPU (emulated bf16, 6-16x slower steps) the
+    loop trains in fp32 and says so."""
+    from blip.factory import native_bf16
+    if not torch.cpu._is_avx512_supported():
+        assert not native_bf16("cpu")
+    trainer = Trainer(TrainConfig.load(None, TINY + ["bf16=true", "synthetic_pairs=8"]), tmp_path)
+    assert trainer.bf16 == native_bf16("cpu")
+    said = "bf16 autocast off" in capsys.readouterr().out
+    assert said != trainer.bf16
+    assert not Trainer(TrainConfig.load(None, TINY + ["synthetic_pairs=8"]), tmp_path / "b").bf16
 
 
 class MeanSquare(torch.nn.Module):

@@ -71,7 +71,9 @@ class TrainConfig:
     #                                        unmatched parameters: 1. Empty: one group (official)
     grad_accum: int = 1
     grad_clip: float = 0.0                 # 0: none (official)
-    bf16: bool = False
+    bf16: bool = False                     # bf16 autocast where the device computes bf16 natively (CUDA, or a CPU
+    #                                        with AVX-512 BF16 / AMX); elsewhere fp32, with a notice
+    bf16_emulated: bool = False            # bf16 autocast even where it is emulated (AVX2 CPUs: several times slower)
     # objective
     queue_size: int = 57600
     queue_init: str = "empty"              # "empty": unwritten slots left out; "random": official unit vectors

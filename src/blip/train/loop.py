@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import vocab
 from ..checkpoint import CheckpointError, torch_load
+from ..factory import native_bf16
 from ..model import Blip
 from . import distributed as dist
 from .config import TrainConfig
@@ -243,6 +244,10 @@ class Trainer:
         self.device = dist.setup(cfg.device)
         self.rank, self.world = dist.rank(), dist.world_size()
         self.main = self.rank == 0
+        self.bf16 = cfg.bf16 and (cfg.bf16_emulated or native_bf16(self.device))
+        if cfg.bf16 and not self.bf16 and self.main:
+            print(f"blip: bf16 autocast off: this {self.device.type} has no native bf16 (emulated it is several "
+                  f"times slower than fp32); training in fp32 (bf16_emulated=true forces it)", flush=True)
         self._lock = None
         self._good: set[Path] = set()  # checkpoint files known good: the only ones a save keeps as previous
         self._hold_folder()  # first: a second run on this folder stops before building anything
@@ -472,7 +477,7 @@ class Trainer:
             info = StepInfo(self.epoch, self.step, self.steps_per_epoch, first_micro_batch=micro == 0)
             sync = self.net.no_sync() if self.world > 1 and micro < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync:
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     out = self.net(batch, info)
                 (out["loss"] / cfg.grad_accum).backward()
             log.add(out, len(batch["image"]) * self.world)
