@@ -167,6 +167,33 @@ def test_uniform_and_word_swap_itm_negatives_match_a_direct_computation():
     assert torch.allclose(out["loss_itm"], loss_itm, atol=1e-5)
 
 
+def test_replaced_token_detection_on_the_word_swaps_matches_a_direct_computation():
+    """rtd (the filter option, as in pretraining): every token of a word-swapped caption but [ENC] through the
+    ITM head, the swapped-in word labelled "no match" and the rest "match", the two kinds averaged apart."""
+    b = dict(batch([1, 5, 1, 7], seed=2), neg_text=["a blue shape number 1", None, "a green shape", None])
+    out = {}
+    for rtd in (0.0, 0.5):
+        o = tiny_retrieval(queue_size=8, itm_hard_from=None, rtd=rtd)
+        torch.manual_seed(3)
+        with torch.no_grad():
+            out[rtd] = o(b, StepInfo(0, 2, 4))
+    assert "loss_rtd" not in out[0.0]
+    assert torch.allclose(out[0.5]["loss_itm"], out[0.0]["loss_itm"], atol=1e-6)  # rtd adds, changes nothing else
+    m = o.model
+    s_ids, s_mask = get_tokenizer()(["a blue shape number 1", "a green shape"], max_length=35)
+    s_ids[:, 0] = ENC_ID
+    with torch.no_grad():
+        states = m.text_encoder(s_ids, s_mask, m.visual_encoder(b["image"])[[0, 2]], mode="multimodal")
+        logits = m.itm_head(states)
+    # row 0: "blue" (token 2) put in for "red"; row 1 ("a green shape" for "a green shape number 1"): nothing put in
+    replaced = logits[0, 2:3]
+    kept = torch.cat([logits[0, [1, 3, 4, 5, 6]], logits[1, 1:5]])
+    want = 0.5 * F.cross_entropy(replaced, torch.zeros(1, dtype=torch.long)) + \
+        0.5 * F.cross_entropy(kept, torch.ones(len(kept), dtype=torch.long))
+    assert torch.allclose(out[0.5]["loss_rtd"], want, atol=1e-5)
+    assert torch.allclose(out[0.5]["loss"], out[0.0]["loss"] + 0.5 * want, atol=1e-5)
+
+
 def test_retrieval_collate_passes_word_swaps_on():
     from blip.train.tasks.retrieval import Collate
     item = {"image": torch.zeros(3, 4, 4), "text": "a red circle", "image_id": 0}

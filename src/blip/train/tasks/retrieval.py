@@ -19,7 +19,8 @@ Two options beyond the official code, off by default, for a filter on a corpus w
 caption is often true of the image too (the embedded synthetic one; pretraining has the same options):
 `itm_hard_from` (None: never mine) draws ITM's negatives uniformly among the other images' pairs before
 that step, and a batch carrying "neg_text" (captions with one attribute replaced, `itm_swap_words`)
-gives ITM one more negative per pair from `itm_swap_from` on.
+gives ITM one more negative per pair from `itm_swap_from` on; `rtd` weighs replaced-token detection on those
+swapped captions, as in pretraining (objectives.replaced_token_loss).
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ from torch import nn
 from ...tokenizer import ENC_ID, get_tokenizer
 from .. import distributed as dist
 from ..objectives import (MomentumTowers, StepInfo, hard_negatives, itc_loss, itm_loss, itm_negative_weights,
-                          itm_states, ramped_alpha, swap_states, unimodal_features)
+                          itm_states, ramped_alpha, replaced_token_loss, replaced_tokens, swap_states,
+                          unimodal_features)
 
 MODEL_TASK = "retrieval"
 __all__ = ["MODEL_TASK", "Collate", "Objective", "adapt_state_dict", "collate", "train_dataset"]
@@ -79,7 +81,7 @@ class Objective(nn.Module):
     def __init__(self, model: nn.Module, queue_size: int = 57600, momentum: float = 0.995, alpha: float = 0.4,
                  alpha_ramp_epochs: float = 1.0, negatives_all_rank: bool = False, queue_init: str = "empty",
                  max_length: int = 35, text_padding: str = "longest", batch_size: int | None = None,
-                 itm_hard_from: int | None = 0, itm_swap_from: int = 0):
+                 itm_hard_from: int | None = 0, itm_swap_from: int = 0, rtd: float = 0.0):
         super().__init__()
         if not all(hasattr(model, p) for p in ("text_encoder", "vision_proj", "itm_head")):
             raise ValueError("retrieval finetuning needs a model with a text encoder, projections and the ITM head "
@@ -97,7 +99,7 @@ class Objective(nn.Module):
                   flush=True)
         self.alpha, self.alpha_ramp_epochs = alpha, alpha_ramp_epochs
         self.negatives_all_rank = negatives_all_rank
-        self.itm_hard_from, self.itm_swap_from = itm_hard_from, itm_swap_from
+        self.itm_hard_from, self.itm_swap_from, self.rtd = itm_hard_from, itm_swap_from, rtd
         # gathered token ids need one width on every rank
         self.max_length, self.padding = max_length, "max_length" if negatives_all_rank else text_padding
 
@@ -148,14 +150,23 @@ class Objective(nn.Module):
         negatives = [neg_text, neg_image]
         swaps = batch.get("neg_text") if step >= self.itm_swap_from else None
         rows = [i for i, t in enumerate(swaps or []) if t is not None]
+        out = {}
         if rows:  # (image i, its caption with one attribute replaced)
             s_ids, s_mask = get_tokenizer()([swaps[i] for i in rows], max_length=self.max_length, padding=self.padding)
+            s_ids, s_mask = s_ids.to(images.device), s_mask.to(images.device)
             index = torch.tensor(rows, device=images.device)
-            negatives.append(swap_states(m.text_encoder, s_ids.to(images.device), s_mask.to(images.device), kv, index))
+            states = swap_states(m.text_encoder, s_ids, s_mask, kv, index, every_token=bool(self.rtd))
+            negatives.append(states[:, 0] if self.rtd else states)
+            if self.rtd:  # every token but [ENC] and the pads: put in by the swap or not
+                valid = s_mask.bool().clone()
+                valid[:, 0] = False
+                replaced = replaced_tokens(ids[index], mask[index], s_ids, s_mask)
+                out["loss_rtd"] = replaced_token_loss(m.itm_head(states[valid]), replaced[valid])
         logits = m.itm_head(torch.cat([pos, *negatives]))
         loss_itm = itm_loss(logits[:bs], logits[bs:])
-        return {"loss": loss_ita + loss_itm, "loss_ita": loss_ita.detach(), "loss_itm": loss_itm.detach(),
-                "alpha": alpha, "temp": m.temp.detach()}
+        loss = loss_ita + loss_itm + (self.rtd * out["loss_rtd"] if "loss_rtd" in out else 0.0)
+        return {"loss": loss, "loss_ita": loss_ita.detach(), "loss_itm": loss_itm.detach(),
+                **{k: v.detach() for k, v in out.items()}, "alpha": alpha, "temp": m.temp.detach()}
 
 
 # ------------------------------------------------------------------------------ data
