@@ -409,6 +409,7 @@ def test_bf16_autocast_only_where_the_cpu_computes_bf16(tmp_path, capsys):
     assert trainer.bf16 == native_bf16("cpu")
     said = "bf16 autocast off" in capsys.readouterr().out
     assert said != trainer.bf16
+    assert trainer.train()["bf16"] == trainer.bf16  # the run says which precision it trained in
     assert not Trainer(TrainConfig.load(None, TINY + ["synthetic_pairs=8"]), tmp_path / "b").bf16
 
 

@@ -32,8 +32,8 @@ def parse_dtype(dtype) -> torch.dtype | None:
 
 def native_bf16(device) -> bool:
     """Whether `device` computes bf16 in hardware: CUDA when it says so; a CPU when oneDNN has native bf16
-    kernels (AVX-512 BF16, AMX). On an AVX2-only CPU bf16 is emulated and a training step ran 6-16x slower
-    than in fp32 (docs/pretraining_synthetic.md), so bf16 autocast there is a cost, not a saving."""
+    kernels (AVX-512 BF16, AMX). On an AVX2-only CPU bf16 is emulated and a training step runs several times
+    slower than in fp32 (docs/pretraining_synthetic.md), so bf16 autocast there is a cost, not a saving."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

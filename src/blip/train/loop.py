@@ -521,7 +521,7 @@ class Trainer:
         elif not self.cfg.val_file:
             self.export_model()  # with validation, the best epoch's model is already there
         result = {"epoch": self.epoch, "step": self.step, "global_step": self.global_step, "finished": finished,
-                  "pairs_per_s": log.rates[-1] if log.rates else None}
+                  "pairs_per_s": log.rates[-1] if log.rates else None, "bf16": self.bf16}
         if self.best is not None:
             result["best"] = {k: self.best[k] for k in ("epoch", "score")}
         if finished and self.cfg.test_file:
