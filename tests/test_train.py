@@ -400,7 +400,7 @@ def test_bf16_autocast_with_grad_checkpointing_and_accumulation(tmp_path):
 
 
 def test_bf16_autocast_only_where_the_cpu_computes_bf16(tmp_path, capsys):
-    """bf16=true means bf16 where it is native; on an AVX2-only CPU (emulated bf16, 6-16x slower steps) the
+    """bf16=true means bf16 where it is native; on an AVX2-only CPU (emulated bf16, about 15x slower steps) the
     loop trains in fp32 and says so."""
     from blip.factory import native_bf16
     if not torch.cpu._is_avx512_supported():
