@@ -173,3 +173,18 @@ def test_vit_inference_path_keeps_drop_path_per_image():
     with torch.no_grad():
         other = vit(px)
     assert not torch.allclose(fast, other, atol=1e-3)  # the draws matter
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_and_fp32_does_not():
+    """Emulated bf16 (an AVX2-only CPU) made image embedding 10x slower than fp32: asking for it says so."""
+    import warnings
+    from blip.factory import native_bf16
+    for dtype in ("bf16", "bf16-full"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            blip.create_model("tiny", dtype=dtype, device="cpu")
+        assert any("no native bf16" in str(w.message) for w in caught) == (not native_bf16("cpu"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        blip.create_model("tiny", dtype="fp32", device="cpu")
+    assert not any("bf16" in str(w.message) for w in caught)

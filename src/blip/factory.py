@@ -1,6 +1,8 @@
 """Build a model: from a preset (random weights) or from any checkpoint (`blip.load`)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .checkpoint import CheckpointError, load_into, read_checkpoint
@@ -68,6 +70,9 @@ def default_device(device=None) -> torch.device:
 
 def _place(model: Blip, device: torch.device, dtype) -> Blip:
     """The model on `device` (already checked by `default_device`) in `dtype`, in eval mode."""
+    if (dtype in MIXED or parse_dtype(dtype) == torch.bfloat16) and not native_bf16(device):
+        warnings.warn(f"dtype {dtype}: this {device.type} has no native bf16, so bf16 is emulated and several "
+                      f"times slower than fp32 here; dtype='fp32' is faster", stacklevel=3)
     model = model.to(device)
     if dtype in MIXED:
         model.visual_encoder.to(torch.bfloat16)
