@@ -69,10 +69,10 @@ def test_itm_weights_mask_same_image_without_offset():
     assert torch.equal(itm_negative_weights(sim, same=torch.ones(4, 4).bool(), eps=0.0), torch.ones(4, 4))
 
 
-def direct_step(o, b, info, uniform=False):
+def direct_step(o, b, info, uniform=False, pool=None):
     """The official BLIP_Retrieval.forward, spelt out on the model (plain cross-attention calls); with
-    `uniform`, ITM's negatives drawn alike among the other images' pairs, and b["neg_text"] (None: none)
-    one more ITM negative per pair."""
+    `uniform`, ITM's negatives drawn alike among the other images' pairs, b["neg_text"] (None: none)
+    one more ITM negative per pair, and with `pool` each image paired with a text drawn from it too."""
     m, mo = o.model, o.momentum
     ids, mask = get_tokenizer()(b["text"], max_length=35)
     idx = b["image_id"]
@@ -105,6 +105,11 @@ def direct_step(o, b, info, uniform=False):
     itm = lambda states, i, k: m.itm_head(m.text_encoder(i, k, states, mode="multimodal")[:, 0])  # noqa: E731
     logits = [itm(image_embeds, enc, mask), itm(image_embeds[neg_img], enc, mask),
               itm(image_embeds, enc[neg_txt], mask[neg_txt])]
+    if pool:
+        p_ids, p_mask = get_tokenizer()([pool[j] for j in torch.randint(len(pool), (len(idx),)).tolist()],
+                                        max_length=35)
+        p_ids[:, 0] = ENC_ID
+        logits.append(itm(image_embeds, p_ids, p_mask))
     rows = [i for i, t in enumerate(b.get("neg_text") or []) if t is not None]
     if rows:
         s_ids, s_mask = get_tokenizer()([b["neg_text"][i] for i in rows], max_length=35)
@@ -165,6 +170,30 @@ def test_uniform_and_word_swap_itm_negatives_match_a_direct_computation():
     plain = {k: v for k, v in b.items() if k != "neg_text"}
     out, (_, loss_itm, _, _) = seeded_pair(o, b, plain, StepInfo(1, 2, 4), 4)
     assert torch.allclose(out["loss_itm"], loss_itm, atol=1e-5)
+
+
+def test_negative_pool_texts_match_a_direct_computation(tmp_path):
+    """negative_pool: every image of the batch also meets a text drawn from a pool of other images' texts
+    (the web pairs a filter will score) as one more ITM negative; the pool is cleaned as captions are."""
+    from blip.train.tasks.retrieval import load_negative_pool
+    web = [{"image": "a.png", "caption": "IMG_0042.JPG"}, {"image": "b.png", "caption": ["Click here!", " "]},
+           {"image": "c.png", "caption": "a green shape number 9"}]
+    (tmp_path / "web.json").write_text(json.dumps(web))
+    pool = load_negative_pool(tmp_path / "web.json")
+    assert pool == ["img_0042 jpg", "click here", "a green shape number 9"]
+    assert load_negative_pool(["A B", "c"]) == ["a b", "c"]
+    for bad, message in ((tmp_path / "none.json", "not found"), ([], "no text"), ([{"caption": 3}], "caption list")):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            load_negative_pool(bad)
+    o = tiny_retrieval(queue_size=8, itm_hard_from=None, negative_pool=str(tmp_path / "web.json"))
+    b = dict(batch([1, 5, 1, 7], seed=2), neg_text=["a blue shape number 1", None, "a red shape", None])
+    out, (loss_ita, loss_itm, _, _) = seeded_pair(o, b, b, StepInfo(0, 2, 4), 3, uniform=True, pool=pool)
+    assert torch.allclose(out["loss_itm"], loss_itm, atol=1e-5)
+    assert torch.allclose(out["loss_ita"], loss_ita, atol=1e-5)
+    plain = tiny_retrieval(queue_size=8, itm_hard_from=None)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        assert not torch.allclose(plain(b, StepInfo(0, 2, 4))["loss_itm"], loss_itm, atol=1e-3)
 
 
 def test_replaced_token_detection_on_the_word_swaps_matches_a_direct_computation():
@@ -438,3 +467,10 @@ def test_init_checkpoint_momentum_and_queues_are_loaded(tmp_path):
         assert mo.idx_queue.eq(-100).all() and int(mo.queue_ptr) == 0
     finally:
         trainer.close()
+
+
+def test_negative_pool_is_a_retrieval_option():
+    from blip.train.config import TrainConfig
+    assert TrainConfig(task="retrieval", negative_pool="web.json").negative_pool == "web.json"
+    with pytest.raises(ValueError, match="negative_pool is an option of retrieval"):
+        TrainConfig(task="caption", negative_pool="web.json")

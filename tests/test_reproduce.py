@@ -44,6 +44,9 @@ def test_reproduce_quick_end_to_end(tmp_path, capsys):
     assert 0 < report["noise_ratio"]["before"] < 1
     assert "attribute_accuracy" in report["captioner"] and "pretrained" in report
     assert {"pretrain_none", "captioner", "filter", "capfilt", "pretrain_capfilt"} <= set(report["minutes"])
+    # the filter's extra ITM negatives are the web texts this run filters, not the config's corpus path
+    assert json.loads((out / "filter" / "train_config.json").read_text())["negative_pool"] == \
+        str((out / "data" / "web.json").resolve())
     assert json.loads((out / "report.json").read_text())["rows"] == json.loads(json.dumps(report["rows"]))
     html = (out / "report.html").read_text()
     assert "data:image/png;base64" in html and "captioner + filter" in html and "http" not in html.split("<body>")[1]

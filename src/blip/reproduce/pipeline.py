@@ -162,6 +162,14 @@ class Pipeline:
             self._stage(name, lambda: _train(config, folder, overrides, self.o))
         return folder / "model"
 
+    def _negative_pool(self) -> list[str]:
+        """A filter config that draws ITM negatives from a pool of web texts gets the web pairs this run
+        will filter (the config's own path names the embedded corpus's)."""
+        from ..train.config import TrainConfig
+        if TrainConfig.load(self.o.filter_config).negative_pool is None:
+            return []
+        return [f"negative_pool={self.web_file().resolve()}"]
+
     def bootstrap(self, captioner: Path, filter_: Path) -> Path:
         folder = self.out / "capfilt"
         if not (folder / "audit.parquet").exists() or not (folder / "summary.json").exists():
@@ -256,7 +264,7 @@ class Pipeline:
         capfilt = None
         if needs_capfilt:
             captioner = self.finetune("captioner", self.o.caption_config, base)
-            filter_ = self.finetune("filter", self.o.filter_config, base)
+            filter_ = self.finetune("filter", self.o.filter_config, base, extra=self._negative_pool())
             capfilt = self.bootstrap(captioner, filter_)
         rows = []
         for row in self.o.rows:

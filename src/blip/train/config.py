@@ -104,6 +104,9 @@ class TrainConfig:
     itm_swap_pick: str = "word"            # which word a swap replaces: "word" (any, alike) or "group" (a group
     #                                        present in the caption first, alike, then a word of it) or "rare"
     #                                        (a group first, weighted by 1 / the share of training texts naming it)
+    negative_pool: str | None = None       # retrieval: a caption list (e.g. the web pairs a CapFilt filter will
+    #                                        score) whose texts are one more ITM negative per image, drawn
+    #                                        uniformly; they must be of other images. None: off (official)
     # run
     seed: int = 42
     device: str | None = None
@@ -146,6 +149,9 @@ class TrainConfig:
             raise ValueError("itc_swap_negatives needs distill=false and itm_swap_words (the captions it adds)")
         if self.rtd and not self.itm_swap_words:
             raise ValueError("rtd reads the word-swap ITM negatives: it needs itm_swap_words")
+        if self.negative_pool and self.task != "retrieval":
+            raise ValueError(f"negative_pool is an option of retrieval finetuning (the CapFilt filter), not of "
+                             f"task {self.task!r}")
         if self.negatives_all_rank:  # token ids are gathered across ranks: equal widths
             self.text_padding = "max_length"
         for pattern in self.lr_scales:

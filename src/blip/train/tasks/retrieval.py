@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...tokenizer import ENC_ID, get_tokenizer
+from ...tokenizer import ENC_ID, get_tokenizer, pre_caption
 from .. import distributed as dist
 from ..objectives import (MomentumTowers, StepInfo, hard_negatives, itc_loss, itm_loss, itm_negative_weights,
                           itm_states, ramped_alpha, replaced_token_loss, replaced_tokens, swap_states,
@@ -81,7 +81,8 @@ class Objective(nn.Module):
     def __init__(self, model: nn.Module, queue_size: int = 57600, momentum: float = 0.995, alpha: float = 0.4,
                  alpha_ramp_epochs: float = 1.0, negatives_all_rank: bool = False, queue_init: str = "empty",
                  max_length: int = 35, text_padding: str = "longest", batch_size: int | None = None,
-                 itm_hard_from: int | None = 0, itm_swap_from: int = 0, rtd: float = 0.0):
+                 itm_hard_from: int | None = 0, itm_swap_from: int = 0, rtd: float = 0.0,
+                 negative_pool=None, max_words: int = 30):
         super().__init__()
         if not all(hasattr(model, p) for p in ("text_encoder", "vision_proj", "itm_head")):
             raise ValueError("retrieval finetuning needs a model with a text encoder, projections and the ITM head "
@@ -100,6 +101,7 @@ class Objective(nn.Module):
         self.alpha, self.alpha_ramp_epochs = alpha, alpha_ramp_epochs
         self.negatives_all_rank = negatives_all_rank
         self.itm_hard_from, self.itm_swap_from, self.rtd = itm_hard_from, itm_swap_from, rtd
+        self.pool = load_negative_pool(negative_pool, max_words) if negative_pool is not None else None
         # gathered token ids need one width on every rank
         self.max_length, self.padding = max_length, "max_length" if negatives_all_rank else text_padding
 
@@ -148,6 +150,12 @@ class Objective(nn.Module):
                                                    all_rank)
         pos, neg_text, neg_image = itm_states(m.text_encoder, enc_ids, mask, neg_ids, neg_mask, kv, neg_kv)
         negatives = [neg_text, neg_image]
+        if self.pool:  # (image i, a text of another image drawn from the pool)
+            pick = torch.randint(len(self.pool), (bs,)).tolist()
+            p_ids, p_mask = get_tokenizer()([self.pool[j] for j in pick], max_length=self.max_length,
+                                            padding=self.padding)
+            negatives.append(swap_states(m.text_encoder, p_ids.to(images.device), p_mask.to(images.device), kv,
+                                         torch.arange(bs, device=images.device)))
         swaps = batch.get("neg_text") if step >= self.itm_swap_from else None
         rows = [i for i, t in enumerate(swaps or []) if t is not None]
         out = {}
@@ -167,6 +175,27 @@ class Objective(nn.Module):
         loss = loss_ita + loss_itm + (self.rtd * out["loss_rtd"] if "loss_rtd" in out else 0.0)
         return {"loss": loss, "loss_ita": loss_ita.detach(), "loss_itm": loss_itm.detach(),
                 **{k: v.detach() for k, v in out.items()}, "alpha": alpha, "temp": m.temp.detach()}
+
+
+def load_negative_pool(source, max_words: int = 30) -> list[str]:
+    """The texts of `negative_pool`: a JSON caption list ([{"caption": str or [str]}], e.g. the web pairs a
+    filter will score) or a list of strings, cleaned as training captions are; empty texts dropped."""
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"negative_pool: {source} not found")
+        with open(source, encoding="utf-8") as fh:
+            source = json.load(fh)
+    texts = []
+    for item in source if isinstance(source, list) else [None]:
+        cap = item.get("caption") if isinstance(item, dict) else item
+        for c in cap if isinstance(cap, list) else [cap]:
+            if not isinstance(c, str):
+                raise ValueError("negative_pool must be a caption list [{\"caption\": ...}] or a list of strings")
+            if pre_caption(c, max_words):
+                texts.append(pre_caption(c, max_words))
+    if not texts:
+        raise ValueError("negative_pool holds no text")
+    return texts
 
 
 # ------------------------------------------------------------------------------ data
