@@ -182,7 +182,9 @@ def test_negative_pool_texts_match_a_direct_computation(tmp_path):
     pool = load_negative_pool(tmp_path / "web.json")
     assert pool == ["img_0042 jpg", "click here", "a green shape number 9"]
     assert load_negative_pool(["A B", "c"]) == ["a b", "c"]
-    for bad, message in ((tmp_path / "none.json", "not found"), ([], "no text"), ([{"caption": 3}], "caption list")):
+    (tmp_path / "bad.json").write_text("[{")
+    for bad, message in ((tmp_path / "none.json", "not found"), ([], "no text"), ([{"caption": 3}], "caption list"),
+                         (tmp_path / "bad.json", "not a JSON file")):
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             load_negative_pool(bad)
     o = tiny_retrieval(queue_size=8, itm_hard_from=None, negative_pool=str(tmp_path / "web.json"))

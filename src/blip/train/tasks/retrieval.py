@@ -20,7 +20,9 @@ caption is often true of the image too (the embedded synthetic one; pretraining 
 `itm_hard_from` (None: never mine) draws ITM's negatives uniformly among the other images' pairs before
 that step, and a batch carrying "neg_text" (captions with one attribute replaced, `itm_swap_words`)
 gives ITM one more negative per pair from `itm_swap_from` on; `rtd` weighs replaced-token detection on those
-swapped captions, as in pretraining (objectives.replaced_token_loss).
+swapped captions, as in pretraining (objectives.replaced_token_loss). `negative_pool` (a caption list of
+other images, e.g. the web pairs the filter will score) gives every image one more ITM negative drawn from it:
+the clean pairs never show texts like numbered alt-text, which pretraining on the web pairs learnt as keys.
 """
 from __future__ import annotations
 
@@ -183,8 +185,11 @@ def load_negative_pool(source, max_words: int = 30) -> list[str]:
     if isinstance(source, (str, os.PathLike)):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"negative_pool: {source} not found")
-        with open(source, encoding="utf-8") as fh:
-            source = json.load(fh)
+        try:
+            with open(source, encoding="utf-8") as fh:
+                source = json.load(fh)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"negative_pool: {source} is not a JSON file ({e})") from None
     texts = []
     for item in source if isinstance(source, list) else [None]:
         cap = item.get("caption") if isinstance(item, dict) else item
