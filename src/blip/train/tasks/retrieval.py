@@ -196,8 +196,8 @@ def load_negative_pool(source, max_words: int = 30) -> list[str]:
         for c in cap if isinstance(cap, list) else [cap]:
             if not isinstance(c, str):
                 raise ValueError("negative_pool must be a caption list [{\"caption\": ...}] or a list of strings")
-            if pre_caption(c, max_words):
-                texts.append(pre_caption(c, max_words))
+            texts.append(pre_caption(c, max_words))
+    texts = [t for t in texts if t]
     if not texts:
         raise ValueError("negative_pool holds no text")
     return texts
