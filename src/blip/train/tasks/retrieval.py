@@ -183,13 +183,8 @@ def load_negative_pool(source, max_words: int = 30) -> list[str]:
     """The texts of `negative_pool`: a JSON caption list ([{"caption": str or [str]}], e.g. the web pairs a
     filter will score) or a list of strings, cleaned as training captions are; empty texts dropped."""
     if isinstance(source, (str, os.PathLike)):
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"negative_pool: {source} not found")
-        try:
-            with open(source, encoding="utf-8") as fh:
-                source = json.load(fh)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"negative_pool: {source} is not a JSON file ({e})") from None
+        from ...data.annotation import read_json_list
+        source = read_json_list(source, "negative_pool", "captions")
     texts = []
     for item in source if isinstance(source, list) else [None]:
         cap = item.get("caption") if isinstance(item, dict) else item
