@@ -202,13 +202,14 @@ def sample_negatives(weights: torch.Tensor, generator: torch.Generator | None = 
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
-def swap_states(text_encoder, ids: torch.Tensor, mask: torch.Tensor, kv, rows: torch.Tensor,
+def swap_states(text_encoder, ids: torch.Tensor, mask: torch.Tensor, kv, rows: torch.Tensor | None,
                 every_token: bool = False) -> torch.Tensor:
     """[ENC] states (every token's with every_token) of word-swap negatives: image rows[j] with ids[j] (its
-    own caption, one attribute replaced; [CLS] first), reusing those images' cross-attention keys/values."""
+    own caption, one attribute replaced; [CLS] first), reusing those images' cross-attention keys/values
+    (rows None: text j with image j, the keys/values as they are, no copy)."""
     ids = ids.clone()
     ids[:, 0] = ENC_ID
-    cache = KVCache([(k[rows], v[rows]) for k, v in kv], None)
+    cache = KVCache(kv if rows is None else [(k[rows], v[rows]) for k, v in kv], None)
     states = text_encoder(ids, mask, mode="multimodal", cache=cache)
     return states if every_token else states[:, 0]
 

@@ -157,7 +157,7 @@ class Objective(nn.Module):
             p_ids, p_mask = get_tokenizer()([self.pool[j] for j in pick], max_length=self.max_length,
                                             padding=self.padding)
             negatives.append(swap_states(m.text_encoder, p_ids.to(images.device), p_mask.to(images.device), kv,
-                                         torch.arange(bs, device=images.device)))
+                                         None))
         swaps = batch.get("neg_text") if step >= self.itm_swap_from else None
         rows = [i for i, t in enumerate(swaps or []) if t is not None]
         out = {}
