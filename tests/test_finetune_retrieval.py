@@ -69,10 +69,11 @@ def test_itm_weights_mask_same_image_without_offset():
     assert torch.equal(itm_negative_weights(sim, same=torch.ones(4, 4).bool(), eps=0.0), torch.ones(4, 4))
 
 
-def direct_step(o, b, info, uniform=False, pool=None):
+def direct_step(o, b, info, uniform=False, pool=None, swap_weight=1.0, pool_draws=1):
     """The official BLIP_Retrieval.forward, spelt out on the model (plain cross-attention calls); with
     `uniform`, ITM's negatives drawn alike among the other images' pairs, b["neg_text"] (None: none)
-    one more ITM negative per pair, and with `pool` each image paired with a text drawn from it too."""
+    one more ITM negative per pair (weighing swap_weight in the loss's mean), and with `pool` each image
+    paired with `pool_draws` texts drawn from it too."""
     m, mo = o.model, o.momentum
     ids, mask = get_tokenizer()(b["text"], max_length=35)
     idx = b["image_id"]
@@ -106,10 +107,10 @@ def direct_step(o, b, info, uniform=False, pool=None):
     logits = [itm(image_embeds, enc, mask), itm(image_embeds[neg_img], enc, mask),
               itm(image_embeds, enc[neg_txt], mask[neg_txt])]
     if pool:
-        p_ids, p_mask = get_tokenizer()([pool[j] for j in torch.randint(len(pool), (len(idx),)).tolist()],
+        p_ids, p_mask = get_tokenizer()([pool[j] for j in torch.randint(len(pool), (len(idx) * pool_draws,)).tolist()],
                                         max_length=35)
         p_ids[:, 0] = ENC_ID
-        logits.append(itm(image_embeds, p_ids, p_mask))
+        logits.append(itm(image_embeds[torch.arange(len(idx)).repeat(pool_draws)], p_ids, p_mask))
     rows = [i for i, t in enumerate(b.get("neg_text") or []) if t is not None]
     if rows:
         s_ids, s_mask = get_tokenizer()([b["neg_text"][i] for i in rows], max_length=35)
@@ -117,7 +118,10 @@ def direct_step(o, b, info, uniform=False, pool=None):
         logits.append(itm(image_embeds[rows], s_ids, s_mask))
     logits = torch.cat(logits)
     labels = torch.tensor([1] * len(idx) + [0] * (logits.shape[0] - len(idx)))
-    return loss_ita, F.cross_entropy(logits, labels), neg_img, neg_txt
+    weight = torch.ones(len(labels))
+    weight[len(labels) - len(rows):] = swap_weight
+    loss_itm = (F.cross_entropy(logits, labels, reduction="none") * weight).sum() / weight.sum()
+    return loss_ita, loss_itm, neg_img, neg_txt
 
 
 def test_objective_matches_the_official_forward_and_queues_ids():
@@ -172,6 +176,23 @@ def test_uniform_and_word_swap_itm_negatives_match_a_direct_computation():
     assert torch.allclose(out["loss_itm"], loss_itm, atol=1e-5)
 
 
+def test_word_swap_weight_matches_a_direct_computation():
+    """itm_swap_weight: each word-swap negative weighs that much in ITM's mean, the other pairs 1."""
+    from blip.train.config import TrainConfig
+    b = dict(batch([1, 5, 1, 7], seed=2), neg_text=["a blue shape number 1", None, "a red shape", None])
+    o = tiny_retrieval(queue_size=8, itm_hard_from=None, itm_swap_weight=0.25)
+    out, (_, loss_itm, _, _) = seeded_pair(o, b, b, StepInfo(0, 2, 4), 3, uniform=True, swap_weight=0.25)
+    assert torch.allclose(out["loss_itm"], loss_itm, atol=1e-5)
+    o = tiny_retrieval(queue_size=8, itm_hard_from=None)
+    _, (_, unweighted, _, _) = seeded_pair(o, b, b, StepInfo(0, 2, 4), 3, uniform=True)
+    assert not torch.allclose(unweighted, loss_itm, atol=1e-4)
+    with pytest.raises(ValueError, match="itm_swap_weight"):
+        TrainConfig(task="retrieval", itm_swap_weight=0.5)  # no word swaps to weigh
+    with pytest.raises(ValueError, match="itm_swap_weight"):
+        TrainConfig(task="pretrain", itm_swap_words="synthetic", itm_swap_weight=0.5)
+    assert TrainConfig(task="retrieval", itm_swap_words="synthetic", itm_swap_weight=0.5).itm_swap_weight == 0.5
+
+
 def test_negative_pool_texts_match_a_direct_computation(tmp_path):
     """negative_pool: every image of the batch also meets a text drawn from a pool of other images' texts
     (the web pairs a filter will score) as one more ITM negative; the pool is cleaned as captions are."""
@@ -196,6 +217,12 @@ def test_negative_pool_texts_match_a_direct_computation(tmp_path):
     torch.manual_seed(3)
     with torch.no_grad():
         assert not torch.allclose(plain(b, StepInfo(0, 2, 4))["loss_itm"], loss_itm, atol=1e-3)
+    # negative_pool_draws: each image meets that many pool texts a step
+    o = tiny_retrieval(queue_size=8, itm_hard_from=None, negative_pool=str(tmp_path / "web.json"),
+                       negative_pool_draws=3)
+    out, (_, loss_itm3, _, _) = seeded_pair(o, b, b, StepInfo(0, 2, 4), 3, uniform=True, pool=pool, pool_draws=3)
+    assert torch.allclose(out["loss_itm"], loss_itm3, atol=1e-5)
+    assert not torch.allclose(loss_itm3, loss_itm, atol=1e-4)
 
 
 def test_replaced_token_detection_on_the_word_swaps_matches_a_direct_computation():

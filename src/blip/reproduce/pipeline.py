@@ -162,6 +162,13 @@ class Pipeline:
             self._stage(name, lambda: _train(config, folder, overrides, self.o))
         return folder / "model"
 
+    @staticmethod
+    def _validates(config: Path) -> bool:
+        """A finetune config with val_file null keeps its last epoch here too (the filter's: the epoch with the
+        best retrieval r_mean is not the best filter); one that names a file is validated on this corpus's."""
+        from ..train.config import TrainConfig
+        return TrainConfig.load(config).val_file is not None
+
     def _negative_pool(self) -> list[str]:
         """A filter config that draws ITM negatives from a pool of web texts gets the web pairs this run
         will filter (the config's own path names the embedded corpus's)."""
@@ -264,7 +271,8 @@ class Pipeline:
         capfilt = None
         if needs_capfilt:
             captioner = self.finetune("captioner", self.o.caption_config, base)
-            filter_ = self.finetune("filter", self.o.filter_config, base, extra=self._negative_pool())
+            filter_ = self.finetune("filter", self.o.filter_config, base, extra=self._negative_pool(),
+                                    validate=self._validates(self.o.filter_config))
             capfilt = self.bootstrap(captioner, filter_)
         rows = []
         for row in self.o.rows:

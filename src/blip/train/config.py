@@ -95,6 +95,9 @@ class TrainConfig:
     #                                        encoder (15% of words); 0: off (official BLIP has none)
     rtd: float = 0.0                       # weight of replaced-token detection on the word-swap ITM negatives:
     #                                        the ITM head on every token says which the swap put in; 0: off
+    itm_swap_weight: float = 1.0           # retrieval: weight of each word-swap negative in the ITM loss (the
+    #                                        other pairs 1): below 1, a swap the model cannot yet tell from the
+    #                                        true caption pulls the true caption's probability down less
     distill: bool = True                   # momentum towers + distilled ITC targets (official); False: in-batch
     #                                        InfoNCE on the online features (needs queue_size 0)
     itm_swap_words: Any = None             # ITM negatives: each caption with one alternative of a group replaced
@@ -107,6 +110,7 @@ class TrainConfig:
     negative_pool: str | None = None       # retrieval: a caption list (e.g. the web pairs a CapFilt filter will
     #                                        score) whose texts are one more ITM negative per image, drawn
     #                                        uniformly; they must be of other images. None: off (official)
+    negative_pool_draws: int = 1           # retrieval: pool texts per image and step
     # run
     seed: int = 42
     device: str | None = None
@@ -149,6 +153,12 @@ class TrainConfig:
             raise ValueError("itc_swap_negatives needs distill=false and itm_swap_words (the captions it adds)")
         if self.rtd and not self.itm_swap_words:
             raise ValueError("rtd reads the word-swap ITM negatives: it needs itm_swap_words")
+        if self.itm_swap_weight != 1.0 and (self.task != "retrieval" or not self.itm_swap_words
+                                            or self.itm_swap_weight < 0):
+            raise ValueError("itm_swap_weight (>= 0) weighs retrieval finetuning's word-swap ITM negatives: it needs "
+                             "task retrieval and itm_swap_words")
+        if self.negative_pool_draws < 1:
+            raise ValueError("negative_pool_draws must be at least 1")
         if self.negative_pool and self.task != "retrieval":
             raise ValueError(f"negative_pool is an option of retrieval finetuning (the CapFilt filter), not of "
                              f"task {self.task!r}")

@@ -244,11 +244,16 @@ def replaced_token_loss(logits: torch.Tensor, replaced: torch.Tensor) -> torch.T
     return loss
 
 
-def itm_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> torch.Tensor:
-    """CE over [positives ; negatives] with labels 1 / 0."""
+def itm_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor,
+             neg_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """CE over [positives ; negatives] with labels 1 / 0; neg_weight (one per negative, positives 1) makes it
+    the weighted mean."""
     logits = torch.cat([pos_logits, neg_logits]).float()
     labels = torch.cat([torch.ones(len(pos_logits)), torch.zeros(len(neg_logits))]).long().to(logits.device)
-    return F.cross_entropy(logits, labels)
+    if neg_weight is None:
+        return F.cross_entropy(logits, labels)
+    w = torch.cat([neg_weight.new_ones(len(pos_logits)), neg_weight]).float()
+    return (F.cross_entropy(logits, labels, reduction="none") * w).sum() / w.sum()
 
 
 def hard_negatives(text_encoder, image_embeds, kv, enc_ids, mask, w_t2i, w_i2t, all_rank: bool = False):

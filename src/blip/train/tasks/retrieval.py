@@ -23,6 +23,8 @@ gives ITM one more negative per pair from `itm_swap_from` on; `rtd` weighs repla
 swapped captions, as in pretraining (objectives.replaced_token_loss). `negative_pool` (a caption list of
 other images, e.g. the web pairs the filter will score) gives every image one more ITM negative drawn from it:
 the clean pairs never show texts like numbered alt-text, which pretraining on the web pairs learnt as keys.
+`itm_swap_weight` weighs the word-swap negatives in ITM's mean and `negative_pool_draws` sets the pool texts
+per image (docs/capfilt.md has what each did to the filter).
 """
 from __future__ import annotations
 
@@ -84,7 +86,8 @@ class Objective(nn.Module):
                  alpha_ramp_epochs: float = 1.0, negatives_all_rank: bool = False, queue_init: str = "empty",
                  max_length: int = 35, text_padding: str = "longest", batch_size: int | None = None,
                  itm_hard_from: int | None = 0, itm_swap_from: int = 0, rtd: float = 0.0,
-                 negative_pool=None, max_words: int = 30):
+                 itm_swap_weight: float = 1.0, negative_pool=None, negative_pool_draws: int = 1,
+                 max_words: int = 30):
         super().__init__()
         if not all(hasattr(model, p) for p in ("text_encoder", "vision_proj", "itm_head")):
             raise ValueError("retrieval finetuning needs a model with a text encoder, projections and the ITM head "
@@ -103,7 +106,9 @@ class Objective(nn.Module):
         self.alpha, self.alpha_ramp_epochs = alpha, alpha_ramp_epochs
         self.negatives_all_rank = negatives_all_rank
         self.itm_hard_from, self.itm_swap_from, self.rtd = itm_hard_from, itm_swap_from, rtd
+        self.itm_swap_weight = itm_swap_weight
         self.pool = load_negative_pool(negative_pool, max_words) if negative_pool is not None else None
+        self.pool_draws = negative_pool_draws
         # gathered token ids need one width on every rank
         self.max_length, self.padding = max_length, "max_length" if negatives_all_rank else text_padding
 
@@ -152,12 +157,13 @@ class Objective(nn.Module):
                                                    all_rank)
         pos, neg_text, neg_image = itm_states(m.text_encoder, enc_ids, mask, neg_ids, neg_mask, kv, neg_kv)
         negatives = [neg_text, neg_image]
-        if self.pool:  # (image i, a text of another image drawn from the pool)
-            pick = torch.randint(len(self.pool), (bs,)).tolist()
+        if self.pool:  # (image i, a text of another image drawn from the pool), pool_draws times
+            pick = torch.randint(len(self.pool), (bs * self.pool_draws,)).tolist()
             p_ids, p_mask = get_tokenizer()([self.pool[j] for j in pick], max_length=self.max_length,
                                             padding=self.padding)
+            rows_p = None if self.pool_draws == 1 else torch.arange(bs, device=images.device).repeat(self.pool_draws)
             negatives.append(swap_states(m.text_encoder, p_ids.to(images.device), p_mask.to(images.device), kv,
-                                         None))
+                                         rows_p))
         swaps = batch.get("neg_text") if step >= self.itm_swap_from else None
         rows = [i for i, t in enumerate(swaps or []) if t is not None]
         out = {}
@@ -173,7 +179,11 @@ class Objective(nn.Module):
                 replaced = replaced_tokens(ids[index], mask[index], s_ids, s_mask)
                 out["loss_rtd"] = replaced_token_loss(m.itm_head(states[valid]), replaced[valid])
         logits = m.itm_head(torch.cat([pos, *negatives]))
-        loss_itm = itm_loss(logits[:bs], logits[bs:])
+        weight = None
+        if rows and self.itm_swap_weight != 1.0:  # the swap negatives are the last len(rows)
+            weight = logits.new_ones(len(logits) - bs)
+            weight[-len(rows):] = self.itm_swap_weight
+        loss_itm = itm_loss(logits[:bs], logits[bs:], weight)
         loss = loss_ita + loss_itm + (self.rtd * out["loss_rtd"] if "loss_rtd" in out else 0.0)
         return {"loss": loss, "loss_ita": loss_ita.detach(), "loss_itm": loss_itm.detach(),
                 **{k: v.detach() for k, v in out.items()}, "alpha": alpha, "temp": m.temp.detach()}
