@@ -148,12 +148,18 @@ class Pipeline:
             return []
         return [corpus_override(self.o.corpus)]
 
-    def finetune(self, name: str, config: Path, init: Path, extra: list[str] = (), validate: bool = True) -> Path:
+    def finetune(self, name: str, config: Path, init: Path, extra: list[str] = (),
+                 validate: bool | None = None) -> Path:
         """A finetune on the clean pairs from `init`; with `validate`, the best epoch on val.json (else the
-        test split when there is no val split) is kept, without it the last epoch."""
+        test split when there is no val split) is kept, without it the last epoch. None: validate when the
+        config names a val_file (the filter's is null: its best epoch by retrieval r_mean is not the best
+        filter)."""
         folder = self.out / name
         corpus = self.o.corpus
         if not _done(folder):
+            if validate is None:
+                from ..train.config import TrainConfig
+                validate = TrainConfig.load(config).val_file is not None
             val = corpus / "val.json" if (corpus / "val.json").exists() else corpus / "test.json"
             overrides = [f"init={init}", _files([self.clean_file()]),
                          f"val_file={val.resolve()}" if validate else "val_file=null", "test_file=null", *extra]
@@ -161,13 +167,6 @@ class Pipeline:
                 overrides += ["max_steps=4", "epochs=1", "log_interval=1", "batch_size=8"]
             self._stage(name, lambda: _train(config, folder, overrides, self.o))
         return folder / "model"
-
-    @staticmethod
-    def _validates(config: Path) -> bool:
-        """A finetune config with val_file null keeps its last epoch here too (the filter's: the epoch with the
-        best retrieval r_mean is not the best filter); one that names a file is validated on this corpus's."""
-        from ..train.config import TrainConfig
-        return TrainConfig.load(config).val_file is not None
 
     def _negative_pool(self) -> list[str]:
         """A filter config that draws ITM negatives from a pool of web texts gets the web pairs this run
@@ -271,8 +270,7 @@ class Pipeline:
         capfilt = None
         if needs_capfilt:
             captioner = self.finetune("captioner", self.o.caption_config, base)
-            filter_ = self.finetune("filter", self.o.filter_config, base, extra=self._negative_pool(),
-                                    validate=self._validates(self.o.filter_config))
+            filter_ = self.finetune("filter", self.o.filter_config, base, extra=self._negative_pool())
             capfilt = self.bootstrap(captioner, filter_)
         rows = []
         for row in self.o.rows:
